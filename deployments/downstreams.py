@@ -1,0 +1,150 @@
+"""The one place the Router calls its downstream deployments.
+
+Every call goes through `_call`, which applies the request's deadline and turns Ray Serve's
+failures into Mneme errors (a full or dead downstream is a 503, never a bare 500). The
+priority scheduler and the compute cache wrap this class.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.serve.exceptions import (
+    BackPressureError,
+    DeploymentUnavailableError,
+    RequestCancelledError,
+)
+from ray.serve.handle import DeploymentHandle, DeploymentResponse
+
+from mneme.errors import DeadlineExceeded, Overloaded, Unavailable
+from mneme.priority import RequestContext
+from mneme.records import (
+    Embeddings,
+    Generation,
+    GenerationDelta,
+    GenerationRequest,
+    MemoryPage,
+    NewMemory,
+    SearchHit,
+    SearchQuery,
+    StoredMemory,
+)
+
+_UNAVAILABLE = (ActorDiedError, ActorUnavailableError, RayActorError, DeploymentUnavailableError)
+
+
+def _translate(exc: BaseException, name: str) -> Exception | None:
+    if isinstance(exc, BackPressureError):
+        return Overloaded(f"{name} is at capacity; retry shortly", retry_after_s=1.0)
+    if isinstance(exc, _UNAVAILABLE):
+        return Unavailable(f"{name} is unavailable (replica restarting?)", retry_after_s=2.0)
+    if isinstance(exc, RequestCancelledError):
+        return Unavailable(f"{name} cancelled the request", retry_after_s=1.0)
+    return None
+
+
+class Downstreams:
+    """Typed calls to Embedder, VectorSearch and Generator, with deadlines and error mapping."""
+
+    def __init__(
+        self,
+        embedder: DeploymentHandle,
+        vector_search: DeploymentHandle,
+        generator: DeploymentHandle,
+    ):
+        self.embedder = embedder
+        self.vector_search = vector_search
+        self.generator = generator
+
+    async def _call(self, name: str, response: DeploymentResponse, ctx: RequestContext) -> Any:
+        remaining = ctx.remaining_s()
+        try:
+            if remaining is None:
+                return await response
+            if remaining <= 0:
+                raise TimeoutError
+            return await asyncio.wait_for(_awaited(response), remaining)
+        except TimeoutError:
+            response.cancel()
+            raise DeadlineExceeded(f"deadline passed while waiting for {name}") from None
+        except Exception as exc:
+            mapped = _translate(exc, name)
+            if mapped is None:
+                raise
+            raise mapped from exc
+
+    # ------------------------------------------------------------------ Embedder
+    async def embed(self, texts: list[str], ctx: RequestContext) -> Embeddings:
+        return await self._call("Embedder", self.embedder.embed.remote(texts), ctx)
+
+    async def embedder_info(self) -> dict:
+        return await self._call("Embedder", self.embedder.info.remote(), RequestContext())
+
+    # -------------------------------------------------------------- VectorSearch
+    async def upsert(
+        self, namespace: str, items: list[NewMemory], vectors: np.ndarray, ctx: RequestContext
+    ) -> list[str]:
+        call = self.vector_search.upsert.remote(namespace, items, vectors)
+        return await self._call("VectorSearch", call, ctx)
+
+    async def search(self, query: SearchQuery, ctx: RequestContext) -> list[SearchHit]:
+        return await self._call("VectorSearch", self.vector_search.search.remote(query), ctx)
+
+    async def get(self, namespace: str, memory_id: str, ctx: RequestContext) -> StoredMemory | None:
+        return await self._call(
+            "VectorSearch", self.vector_search.get.remote(namespace, memory_id), ctx
+        )
+
+    async def delete(self, namespace: str, memory_id: str, ctx: RequestContext) -> bool:
+        return await self._call(
+            "VectorSearch", self.vector_search.delete.remote(namespace, memory_id), ctx
+        )
+
+    async def page(
+        self, namespace: str, limit: int, cursor: int | None, ctx: RequestContext
+    ) -> MemoryPage:
+        call = self.vector_search.page.remote(namespace, limit, cursor)
+        return await self._call("VectorSearch", call, ctx)
+
+    # ----------------------------------------------------------------- Generator
+    async def generate(self, request: GenerationRequest, ctx: RequestContext) -> Generation:
+        return await self._call("Generator", self.generator.generate.remote(request), ctx)
+
+    async def generate_stream(
+        self, request: GenerationRequest, ctx: RequestContext
+    ) -> AsyncIterator[GenerationDelta]:
+        stream = self.generator.options(stream=True).generate_stream.remote(request)
+        try:
+            async for delta in stream:
+                if (remaining := ctx.remaining_s()) is not None and remaining <= 0:
+                    stream.cancel()
+                    raise DeadlineExceeded("deadline passed while streaming from Generator")
+                yield delta
+        except Exception as exc:
+            mapped = _translate(exc, "Generator")
+            if mapped is None:
+                raise
+            raise mapped from exc
+
+    async def stats(self) -> dict[str, Any]:
+        names = {
+            "embedder": self.embedder,
+            "vector_search": self.vector_search,
+            "generator": self.generator,
+        }
+        calls = {k: h.stats.remote() for k, h in names.items()}
+        out: dict[str, Any] = {}
+        for key, call in calls.items():
+            try:
+                out[key] = await asyncio.wait_for(_awaited(call), 5.0)
+            except Exception as exc:  # stats must answer even while a replica is down
+                out[key] = {"error": type(exc).__name__}
+        return out
+
+
+async def _awaited(response: DeploymentResponse) -> Any:
+    return await response

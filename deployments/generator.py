@@ -1,0 +1,130 @@
+"""Generator deployment: a vLLM AsyncLLM engine with priority scheduling and prefix caching.
+
+The request's class reaches vLLM as its priority (lower runs earlier), so generation is
+ordered the way the Router orders everything else.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+
+from ray import serve
+
+from mneme.config import GeneratorConfig
+from mneme.records import Generation, GenerationDelta, GenerationRequest
+
+
+@serve.deployment(
+    max_ongoing_requests=64,
+    ray_actor_options={"num_cpus": 0.5},
+    health_check_period_s=15,
+    health_check_timeout_s=60,
+)
+class Generator:
+    """Chat generation through vLLM's own chat-template rendering; streams deltas on request."""
+
+    def __init__(self, config: GeneratorConfig):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self._config = config
+        path = config.resolved_model_path()
+        if not os.path.isdir(path):
+            raise FileNotFoundError(
+                f"generator.model_path {path!r} does not exist; run `make install` to generate "
+                "the tiny default model, or point generator.model_path at a model folder"
+            )
+        args = AsyncEngineArgs(
+            model=path,
+            tokenizer=path,
+            served_model_name=config.served_model_name,
+            max_model_len=config.max_model_len,
+            max_num_seqs=config.max_num_seqs,
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            enforce_eager=config.enforce_eager,
+            enable_prefix_caching=config.enable_prefix_caching,
+            scheduling_policy="priority",
+            dtype=config.dtype,
+            seed=config.seed,
+            disable_log_stats=True,
+            **config.engine_kwargs,
+        )
+        self._engine = AsyncLLM.from_engine_args(args)
+        self._requests = 0
+        self._completion_tokens = 0
+        self._in_flight = 0
+
+    async def _render(self, request: GenerationRequest):
+        from vllm.renderers.params import ChatParams
+
+        messages = [{"role": role, "content": content} for role, content in request.messages]
+        _, (engine_input,) = await self._engine.renderer.render_chat_async(
+            [messages], ChatParams(chat_template_kwargs={"add_generation_prompt": True})
+        )
+        return engine_input
+
+    def _sampling(self, request: GenerationRequest):
+        from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+        return SamplingParams(
+            max_tokens=request.max_tokens,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            seed=request.seed,
+            stop=request.stop or None,
+            presence_penalty=request.presence_penalty,
+            frequency_penalty=request.frequency_penalty,
+            output_kind=RequestOutputKind.DELTA,
+        )
+
+    async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
+        """Yields text deltas; the last one carries the finish reason and token counts."""
+        prompt = await self._render(request)
+        sampling = self._sampling(request)
+        completion_tokens = 0
+        self._requests += 1
+        self._in_flight += 1
+        try:
+            async for output in self._engine.generate(
+                prompt, sampling, request.request_id, priority=request.priority
+            ):
+                choice = output.outputs[0]
+                completion_tokens += len(choice.token_ids)
+                yield GenerationDelta(
+                    text=choice.text,
+                    finish_reason=choice.finish_reason,
+                    prompt_tokens=len(output.prompt_token_ids or []),
+                    completion_tokens=completion_tokens,
+                )
+        finally:
+            self._in_flight -= 1
+            self._completion_tokens += completion_tokens
+
+    async def generate(self, request: GenerationRequest) -> Generation:
+        text, last = [], GenerationDelta("")
+        async for delta in self.generate_stream(request):
+            text.append(delta.text)
+            last = delta
+        return Generation(
+            "".join(text), last.finish_reason, last.prompt_tokens, last.completion_tokens
+        )
+
+    async def check_health(self) -> None:
+        if self._engine.errored:
+            raise RuntimeError("vLLM engine died")
+
+    def stats(self) -> dict:
+        return {
+            "model": self._config.served_model_name,
+            "requests": self._requests,
+            "in_flight": self._in_flight,
+            "completion_tokens": self._completion_tokens,
+        }
+
+    def __del__(self):
+        engine = getattr(self, "_engine", None)
+        if engine is not None:
+            engine.shutdown()

@@ -1,0 +1,179 @@
+"""Router: the FastAPI ingress. Binds HTTP to `MnemeService`; holds no logic of its own."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+from fastapi import FastAPI, Header, Query, Response
+from fastapi.responses import PlainTextResponse, StreamingResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from deployments.downstreams import Downstreams
+from deployments.http_errors import BodySizeLimit, install_error_handlers
+from deployments.metrics import to_prometheus
+from deployments.serving import MnemeService
+from mneme import protocol as p
+from mneme.config import NAMESPACE_PATTERN, MnemeConfig
+from mneme.priority import Priority, RequestContext, parse_deadline_ms
+from mneme.stats import LatencyBook
+
+app = FastAPI(title="Mneme", version="0.1.0")
+app.add_middleware(BodySizeLimit)
+install_error_handlers(app)
+
+PriorityHeader = Annotated[str | None, Header(alias="X-Priority")]
+DeadlineHeader = Annotated[str | None, Header(alias="X-Deadline-Ms")]
+NamespaceQuery = Annotated[str, Query(pattern=NAMESPACE_PATTERN)]
+
+
+@serve.deployment(
+    max_ongoing_requests=256,
+    ray_actor_options={"num_cpus": 0.25},
+)
+@serve.ingress(app)
+class Router:
+    """The HTTP API of DESIGN.md; downstream calls go through one `Downstreams` object."""
+
+    def __init__(
+        self,
+        config: MnemeConfig,
+        embedder: DeploymentHandle,
+        vector_search: DeploymentHandle,
+        generator: DeploymentHandle,
+    ):
+        self.config = config
+        BodySizeLimit.max_bytes = config.limits.max_request_body_bytes
+        self.downstreams = Downstreams(embedder, vector_search, generator)
+        self.service = MnemeService(config, self.downstreams)
+        self.latency = LatencyBook()
+
+    def _context(
+        self, header: str | None, field: str | None, deadline_ms: str | None
+    ) -> RequestContext:
+        priority = (
+            Priority.parse(field, param="priority")
+            if field
+            else Priority.parse(header, param="X-Priority")
+        )
+        return RequestContext(priority=priority, deadline=parse_deadline_ms(deadline_ms))
+
+    def _observe(self, route: str, ctx: RequestContext) -> None:
+        self.latency.observe((route, ctx.priority.name.lower()), time.monotonic() - ctx.received_at)
+
+    # ------------------------------------------------------------------ OpenAI
+    @app.get("/v1/models")
+    async def models(self) -> p.ModelList:
+        return self.service.models()
+
+    @app.post("/v1/embeddings")
+    async def embeddings(
+        self,
+        req: p.EmbeddingRequest,
+        x_priority: PriorityHeader = None,
+        x_deadline_ms: DeadlineHeader = None,
+    ) -> p.EmbeddingResponse:
+        ctx = self._context(x_priority, req.priority, x_deadline_ms)
+        out = await self.service.embeddings(req, ctx)
+        self._observe("embeddings", ctx)
+        return out
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(
+        self,
+        req: p.ChatCompletionRequest,
+        x_priority: PriorityHeader = None,
+        x_deadline_ms: DeadlineHeader = None,
+    ) -> p.ChatCompletionResponse | StreamingResponse:
+        ctx = self._context(x_priority, req.priority, x_deadline_ms)
+        if req.stream:
+            events = await self.service.chat_stream(req, ctx)
+            return StreamingResponse(events, media_type="text/event-stream")
+        out = await self.service.chat(req, ctx)
+        self._observe("chat", ctx)
+        return out
+
+    # ----------------------------------------------------------------- memories
+    @app.post("/v1/memories")
+    async def add_memories(
+        self,
+        req: p.AddMemoriesRequest,
+        x_priority: PriorityHeader = None,
+        x_deadline_ms: DeadlineHeader = None,
+    ) -> p.AddMemoriesResponse:
+        ctx = self._context(x_priority, req.priority, x_deadline_ms)
+        out = await self.service.add_memories(req, ctx)
+        self._observe("memories.add", ctx)
+        return out
+
+    @app.post("/v1/memories/search")
+    async def search(
+        self,
+        req: p.SearchRequest,
+        x_priority: PriorityHeader = None,
+        x_deadline_ms: DeadlineHeader = None,
+    ) -> p.SearchResponse:
+        ctx = self._context(x_priority, req.priority, x_deadline_ms)
+        out = await self.service.search(req, ctx)
+        self._observe("memories.search", ctx)
+        return out
+
+    @app.get("/v1/memories")
+    async def list_memories(
+        self,
+        namespace: NamespaceQuery,
+        limit: int = 100,
+        cursor: str | None = None,
+        x_priority: PriorityHeader = None,
+        x_deadline_ms: DeadlineHeader = None,
+    ) -> p.MemoryList:
+        ctx = self._context(x_priority, None, x_deadline_ms)
+        return await self.service.list_memories(namespace, limit, cursor, ctx)
+
+    @app.get("/v1/memories/{memory_id}")
+    async def get_memory(
+        self,
+        memory_id: str,
+        namespace: NamespaceQuery,
+        x_priority: PriorityHeader = None,
+        x_deadline_ms: DeadlineHeader = None,
+    ) -> p.Memory:
+        ctx = self._context(x_priority, None, x_deadline_ms)
+        return await self.service.get_memory(namespace, memory_id, ctx)
+
+    @app.delete("/v1/memories/{memory_id}")
+    async def delete_memory(
+        self,
+        memory_id: str,
+        namespace: NamespaceQuery,
+        x_priority: PriorityHeader = None,
+        x_deadline_ms: DeadlineHeader = None,
+    ) -> p.DeleteResponse:
+        ctx = self._context(x_priority, None, x_deadline_ms)
+        return await self.service.delete_memory(namespace, memory_id, ctx)
+
+    @app.post("/v1/answer")
+    async def answer(
+        self,
+        req: p.AnswerRequest,
+        x_priority: PriorityHeader = None,
+        x_deadline_ms: DeadlineHeader = None,
+    ) -> p.AnswerResponse:
+        ctx = self._context(x_priority, req.priority, x_deadline_ms)
+        out = await self.service.answer(req, ctx)
+        self._observe("answer", ctx)
+        return out
+
+    # ---------------------------------------------------------------- operations
+    @app.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @app.get("/v1/stats")
+    async def stats(self) -> dict:
+        return {"router": {"latency": self.latency.summary()}, **(await self.downstreams.stats())}
+
+    @app.get("/metrics")
+    async def metrics(self) -> Response:
+        return PlainTextResponse(to_prometheus(await self.stats()))

@@ -1,0 +1,252 @@
+"""Serving logic of the ingress: plain classes from protocol requests to protocol responses.
+
+No HTTP here (that is router.py) and no Ray handles (that is downstreams.py).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from deployments.downstreams import Downstreams
+from mneme import protocol as p
+from mneme.config import MnemeConfig
+from mneme.errors import InvalidRequest, MnemeError, NotFound
+from mneme.priority import RequestContext
+from mneme.records import GenerationRequest, NewMemory, SearchHit, SearchQuery
+
+
+def new_id(prefix: str = "") -> str:
+    return prefix + uuid.uuid4().hex
+
+
+def _hit(h: SearchHit) -> p.Hit:
+    return p.Hit(id=h.id, text=h.text, score=h.score, metadata=h.metadata)
+
+
+class MnemeService:
+    """Embeddings, memories, answers and chat, composed from the three downstreams."""
+
+    def __init__(self, config: MnemeConfig, downstreams: Downstreams):
+        self.config = config
+        self.limits = config.limits
+        self.down = downstreams
+        self.embedding_model = config.embedder.model_name
+        self.chat_model = config.generator.served_model_name
+
+    # ---------------------------------------------------------------- models
+    def models(self) -> p.ModelList:
+        return p.ModelList(
+            data=[p.ModelCard(id=self.chat_model), p.ModelCard(id=self.embedding_model)]
+        )
+
+    def _check_model(self, requested: str | None, served: str) -> None:
+        if requested is not None and requested != served:
+            raise NotFound(
+                f"model {requested!r} is not served here; use {served!r}",
+                param="model",
+                code="model_not_found",
+            )
+
+    # ------------------------------------------------------------ embeddings
+    async def embeddings(self, req: p.EmbeddingRequest, ctx: RequestContext) -> p.EmbeddingResponse:
+        req.check_limits(self.limits)
+        self._check_model(req.model, self.embedding_model)
+        result = await self.down.embed(req.texts(), ctx)
+        if req.dimensions is not None and req.dimensions != result.vectors.shape[1]:
+            raise InvalidRequest(
+                f"this model has {result.vectors.shape[1]} dimensions", param="dimensions"
+            )
+        data = []
+        for i, vector in enumerate(result.vectors):
+            if req.encoding_format == "base64":
+                value = base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
+            else:
+                value = vector.tolist()
+            data.append(p.EmbeddingData(index=i, embedding=value))
+        tokens = sum(result.token_counts)
+        return p.EmbeddingResponse(
+            data=data,
+            model=self.embedding_model,
+            usage=p.Usage(prompt_tokens=tokens, total_tokens=tokens),
+        )
+
+    # -------------------------------------------------------------- memories
+    async def add_memories(
+        self, req: p.AddMemoriesRequest, ctx: RequestContext
+    ) -> p.AddMemoriesResponse:
+        req.check_limits(self.limits)
+        items = [NewMemory(i.id or new_id("mem_"), i.text, i.metadata) for i in req.items]
+        embedded = await self.down.embed([i.text for i in items], ctx)
+        ids = await self.down.upsert(req.namespace, items, embedded.vectors, ctx)
+        return p.AddMemoriesResponse(ids=ids)
+
+    async def _retrieve(
+        self, namespace: str, query: str, top_k: int, flt: dict | None, ctx: RequestContext
+    ) -> list[SearchHit]:
+        vector = (await self.down.embed([query], ctx)).vectors[0]
+        return await self.down.search(SearchQuery(namespace, vector, top_k, flt), ctx)
+
+    async def search(self, req: p.SearchRequest, ctx: RequestContext) -> p.SearchResponse:
+        req.check_limits(self.limits)
+        hits = await self._retrieve(req.namespace, req.query, req.top_k, req.filter, ctx)
+        return p.SearchResponse(hits=[_hit(h) for h in hits])
+
+    async def get_memory(self, namespace: str, memory_id: str, ctx: RequestContext) -> p.Memory:
+        stored = await self.down.get(namespace, memory_id, ctx)
+        if stored is None:
+            raise NotFound(f"no memory {memory_id!r} in namespace {namespace!r}", param="id")
+        return p.Memory(
+            id=stored.id, namespace=stored.namespace, text=stored.text, metadata=stored.metadata
+        )
+
+    async def delete_memory(
+        self, namespace: str, memory_id: str, ctx: RequestContext
+    ) -> p.DeleteResponse:
+        if not await self.down.delete(namespace, memory_id, ctx):
+            raise NotFound(f"no memory {memory_id!r} in namespace {namespace!r}", param="id")
+        return p.DeleteResponse(id=memory_id, deleted=True)
+
+    async def list_memories(
+        self, namespace: str, limit: int, cursor: str | None, ctx: RequestContext
+    ) -> p.MemoryList:
+        if not 1 <= limit <= 1000:
+            raise InvalidRequest("limit must be in [1, 1000]", param="limit")
+        after = None
+        if cursor:
+            if not cursor.isdigit():
+                raise InvalidRequest("cursor is not one this service returned", param="cursor")
+            after = int(cursor)
+        page = await self.down.page(namespace, limit, after, ctx)
+        data = [
+            p.Memory(id=m.id, namespace=m.namespace, text=m.text, metadata=m.metadata)
+            for m in page.memories
+        ]
+        return p.MemoryList(data=data, next_cursor=page.next_cursor)
+
+    # ------------------------------------------------------------ generation
+    def _memory_prompt(self, hits: list[SearchHit]) -> str:
+        lines = [self.config.answer_system_prompt, "", "Memories:"]
+        lines += [f"- {h.text}" for h in hits] or ["- (none)"]
+        return "\n".join(lines)
+
+    def _max_tokens(self, requested: int | None) -> int:
+        return requested or self.config.generator.default_max_tokens
+
+    async def answer(self, req: p.AnswerRequest, ctx: RequestContext) -> p.AnswerResponse:
+        req.check_limits(self.limits)
+        hits = await self._retrieve(req.namespace, req.query, req.top_k, req.filter, ctx)
+        generation = await self.down.generate(
+            GenerationRequest(
+                request_id=new_id("answer-"),
+                messages=[("system", self._memory_prompt(hits)), ("user", req.query)],
+                max_tokens=self._max_tokens(req.max_tokens),
+                temperature=req.temperature,
+                priority=int(ctx.priority),
+            ),
+            ctx,
+        )
+        return p.AnswerResponse(
+            answer=generation.text, memories=[_hit(h) for h in hits], model=self.chat_model
+        )
+
+    async def _generation_request(
+        self, req: p.ChatCompletionRequest, ctx: RequestContext, request_id: str
+    ) -> GenerationRequest:
+        req.check_limits(self.limits)
+        self._check_model(req.model, self.chat_model)
+        messages = [(m.role, m.text()) for m in req.messages]
+        if req.memory is not None:
+            query = next((text for role, text in reversed(messages) if role == "user"), None)
+            if query is None or not query.strip():
+                raise InvalidRequest("memory retrieval needs a user message", param="messages")
+            mem = req.memory
+            hits = await self._retrieve(mem.namespace, query, mem.top_k, mem.filter, ctx)
+            messages.insert(0, ("system", self._memory_prompt(hits)))
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        return GenerationRequest(
+            request_id=request_id,
+            messages=messages,
+            max_tokens=self._max_tokens(req.requested_max_tokens()),
+            temperature=req.temperature,
+            top_p=req.top_p,
+            seed=req.seed,
+            stop=stop,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            priority=int(ctx.priority),
+        )
+
+    async def chat(
+        self, req: p.ChatCompletionRequest, ctx: RequestContext
+    ) -> p.ChatCompletionResponse:
+        request_id = new_id("chatcmpl-")
+        generation = await self.down.generate(
+            await self._generation_request(req, ctx, request_id), ctx
+        )
+        return p.ChatCompletionResponse(
+            id=request_id,
+            model=self.chat_model,
+            choices=[
+                p.ChatChoice(
+                    message=p.ChatResponseMessage(content=generation.text),
+                    finish_reason=generation.finish_reason,
+                )
+            ],
+            usage=p.Usage(
+                prompt_tokens=generation.prompt_tokens,
+                completion_tokens=generation.completion_tokens,
+                total_tokens=generation.prompt_tokens + generation.completion_tokens,
+            ),
+        )
+
+    async def chat_stream(
+        self, req: p.ChatCompletionRequest, ctx: RequestContext
+    ) -> AsyncIterator[str]:
+        """Server-sent events. Validation and retrieval run before the first byte is sent."""
+        request_id = new_id("chatcmpl-")
+        generation_request = await self._generation_request(req, ctx, request_id)
+        created = int(time.time())
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        def chunk(delta: p.ChatDelta, finish: str | None = None, usage=None) -> str:
+            body = p.ChatCompletionChunk(
+                id=request_id,
+                created=created,
+                model=self.chat_model,
+                choices=[] if usage else [p.ChatChunkChoice(delta=delta, finish_reason=finish)],
+                usage=usage,
+            )
+            return f"data: {body.model_dump_json(exclude_none=usage is None)}\n\n"
+
+        async def events() -> AsyncIterator[str]:
+            yield chunk(p.ChatDelta(role="assistant", content=""))
+            prompt_tokens = completion_tokens = 0
+            try:
+                async for delta in self.down.generate_stream(generation_request, ctx):
+                    prompt_tokens = delta.prompt_tokens or prompt_tokens
+                    completion_tokens = delta.completion_tokens or completion_tokens
+                    if delta.text or delta.finish_reason:
+                        yield chunk(p.ChatDelta(content=delta.text or None), delta.finish_reason)
+            except Exception as exc:  # headers are sent: report the error in-band, as OpenAI does
+                yield f"data: {json.dumps(_error_body(exc))}\n\n"
+                return
+            if include_usage:
+                usage = p.Usage(
+                    prompt_tokens=prompt_tokens,
+                    completion_tokens=completion_tokens,
+                    total_tokens=prompt_tokens + completion_tokens,
+                )
+                yield chunk(p.ChatDelta(), usage=usage)
+            yield "data: [DONE]\n\n"
+
+        return events()
+
+
+def _error_body(exc: Exception) -> dict:
+    if isinstance(exc, MnemeError):
+        return exc.to_body()
+    return MnemeError("internal error while streaming").to_body()

