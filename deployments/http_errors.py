@@ -38,8 +38,9 @@ def _param(loc: tuple) -> str | None:
 
 
 def validation_error(exc: RequestValidationError) -> MnemeError:
-    errors = exc.errors()
-    first = errors[0] if errors else {}
+    errors = list(exc.errors())
+    # a union reports one error per member; the deepest location is the most specific one
+    first = max(errors, key=lambda e: len(e.get("loc", ())), default={})
     if first.get("type") == "json_invalid":
         return InvalidRequest("request body is not valid JSON", code="invalid_json")
     param = _param(tuple(first.get("loc", ())))
@@ -84,8 +85,9 @@ class BodySizeLimit:
     # lives on this (importable, hence shared) class rather than on the app's state.
     max_bytes = 4 * 1024 * 1024
 
-    def __init__(self, app: ASGIApp):
+    def __init__(self, app: ASGIApp, where: str = "ingress"):
         self.app = app
+        self.where = where
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -94,7 +96,7 @@ class BodySizeLimit:
         limit = self.max_bytes
         declared = dict(scope.get("headers", [])).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            await _too_large(limit, send)
+            await _too_large(limit, self.where, send)
             return
         received = 0
         refused = False
@@ -106,7 +108,7 @@ class BodySizeLimit:
                 received += len(message.get("body", b""))
                 if received > limit and not refused:
                     refused = True
-                    await _too_large(limit, send)
+                    await _too_large(limit, self.where, send)
                     return {"type": "http.disconnect"}
             return message
 
@@ -117,8 +119,9 @@ class BodySizeLimit:
         await self.app(scope, counted, guarded_send)
 
 
-async def _too_large(limit: int, send: Send) -> None:
-    response = error_response(PayloadTooLarge(f"request body exceeds {limit} bytes", param="body"))
+async def _too_large(limit: int, where: str, send: Send) -> None:
+    message = f"request body exceeds {limit} bytes (refused at the {where})"
+    response = error_response(PayloadTooLarge(message, param="body"))
     await send(
         {
             "type": "http.response.start",
@@ -140,4 +143,4 @@ def proxy_middlewares() -> list:
     limit = os.environ.get("MNEME_MAX_REQUEST_BODY_BYTES")
     if limit:
         BodySizeLimit.max_bytes = int(limit)
-    return [Middleware(BodySizeLimit)]
+    return [Middleware(BodySizeLimit, where="proxy")]

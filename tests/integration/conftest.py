@@ -36,8 +36,7 @@ def served() -> Iterator[ServedApp]:
     from graphs.app import build_app
 
     port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, namespace="mneme-tests",
-             log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, namespace="mneme-tests", log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app({}), name=APP_NAME, route_prefix="/")

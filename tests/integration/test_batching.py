@@ -1,0 +1,67 @@
+"""`@serve.batch` really batches: concurrent embeds are served in batches larger than one."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from ray import serve
+
+from tests.integration.conftest import APP_NAME
+
+pytestmark = pytest.mark.slow
+
+
+def embedder_stats(http) -> dict:
+    return http.get("/v1/stats").json()["embedder"]
+
+
+def fire(served, n: int) -> None:
+    def one(i: int) -> int:
+        with served.client() as c:
+            return c.post("/v1/embeddings", json={"input": f"concurrent text {i}"}).status_code
+
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        assert set(pool.map(one, range(n))) == {200}
+
+
+def test_concurrent_embeds_share_batches(served, http):
+    before = embedder_stats(http)
+    fire(served, 32)
+    after = embedder_stats(http)
+    new = {
+        int(k): v - before["calls_per_batch"].get(k, 0) for k, v in after["calls_per_batch"].items()
+    }
+    assert after["calls"] - before["calls"] == 32
+    assert max(size for size, count in new.items() if count > 0) > 1
+    assert after["batches"] - before["batches"] < 32
+
+
+def test_batch_size_changes_at_run_time(served, http):
+    handle = serve.get_deployment_handle("Embedder", app_name=APP_NAME)
+    try:
+        handle.reconfigure.remote({"max_batch_size": 2, "batch_wait_timeout_s": 0.05}).result()
+        assert embedder_stats(http)["max_batch_size"] == 2
+        before = embedder_stats(http)
+        fire(served, 16)
+        after = embedder_stats(http)
+        grown = [
+            int(k)
+            for k, v in after["calls_per_batch"].items()
+            if v > before["calls_per_batch"].get(k, 0)
+        ]
+        assert grown and max(grown) <= 2
+    finally:
+        handle.reconfigure.remote(None).result()
+    assert embedder_stats(http)["max_batch_size"] == 32
+
+
+def test_stats_and_metrics(http):
+    http.post("/v1/embeddings", json={"input": "stats probe"}, headers={"X-Priority": "low"})
+    stats = http.get("/v1/stats").json()
+    assert stats["router"]["latency"]["embeddings/low"]["count"] >= 1
+    assert stats["vector_search"]["max_batch_size"] == 64
+    assert stats["generator"]["model"] == "mneme-tiny-llama"
+    metrics = http.get("/metrics").text
+    assert 'mneme_requests_total{route="embeddings",priority="low"}' in metrics
+    assert 'mneme_batches{deployment="embedder"}' in metrics

@@ -1,7 +1,0 @@
-import pytest
-
-pytestmark = pytest.mark.slow
-
-
-def test_healthz(http):
-    assert http.get("/healthz").json() == {"status": "ok"}
