@@ -130,19 +130,23 @@ class Downstreams:
                 raise
             raise mapped from exc
 
-    async def stats(self) -> dict[str, Any]:
-        names = {
+    def _handles(self) -> dict[str, DeploymentHandle]:
+        return {
             "embedder": self.embedder,
             "vector_search": self.vector_search,
             "generator": self.generator,
         }
-        calls = {k: h.stats.remote() for k, h in names.items()}
+
+    async def stats(self, timeout_s: float = 5.0) -> dict[str, Any]:
+        """Each downstream's `stats()`; one that does not answer in time reports its error."""
+        calls = {name: h.stats.remote() for name, h in self._handles().items()}
         out: dict[str, Any] = {}
-        for key, call in calls.items():
+        for name, call in calls.items():
             try:
-                out[key] = await asyncio.wait_for(_awaited(call), 5.0)
+                out[name] = await asyncio.wait_for(_awaited(call), timeout_s)
             except Exception as exc:  # stats must answer even while a replica is down
-                out[key] = {"error": type(exc).__name__}
+                call.cancel()
+                out[name] = {"error": type(exc).__name__}
         return out
 
 

@@ -116,7 +116,11 @@ class BodySizeLimit:
             if not refused:  # the 413 is already out; drop what the app answers after it
                 await send(message)
 
-        await self.app(scope, counted, guarded_send)
+        try:
+            await self.app(scope, counted, guarded_send)
+        except Exception:
+            if not refused:  # the app's complaint about the cut-off body is expected
+                raise
 
 
 async def _too_large(limit: int, where: str, send: Send) -> None:

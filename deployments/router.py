@@ -6,7 +6,7 @@ import time
 from typing import Annotated
 
 from fastapi import FastAPI, Header, Query, Response
-from fastapi.responses import PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -167,8 +167,12 @@ class Router:
 
     # ---------------------------------------------------------------- operations
     @app.get("/healthz")
-    async def healthz(self) -> dict:
-        return {"status": "ok"}
+    async def healthz(self) -> JSONResponse:
+        """200 when every downstream answers within 2 s; 503 naming the ones that do not."""
+        stats = await self.downstreams.stats(timeout_s=2.0)
+        down = sorted(name for name, s in stats.items() if "error" in s)
+        status = {"status": "ok" if not down else "unavailable", "unavailable": down}
+        return JSONResponse(status, status_code=503 if down else 200)
 
     @app.get("/v1/stats")
     async def stats(self) -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ray.serve import Application
+from ray.serve import Application, Deployment
 
 from deployments.embedder import Embedder
 from deployments.generator import Generator
@@ -13,13 +13,28 @@ from deployments.vector_search import VectorSearch
 from mneme.config import MnemeConfig, load_config
 
 
-def bind_graph(config: MnemeConfig) -> Application:
-    """Router -> (Embedder, VectorSearch, Generator), each given its typed config."""
-    return Router.bind(
+def bind_graph(
+    config: MnemeConfig, deployment_options: dict[str, dict[str, Any]] | None = None
+) -> Application:
+    """Router -> (Embedder, VectorSearch, Generator), each given its typed config.
+
+    `deployment_options` maps a deployment name to `.options(...)` overrides (what a YAML's
+    `deployments:` section does for `serve run`), for tests and benchmarks built in Python.
+    """
+    options = deployment_options or {}
+
+    def node(deployment: Deployment) -> Deployment:
+        return (
+            deployment.options(**options[deployment.name])
+            if deployment.name in options
+            else (deployment)
+        )
+
+    return node(Router).bind(
         config,
-        Embedder.bind(config.embedder),
-        VectorSearch.bind(config.vector_search),
-        Generator.bind(config.generator),
+        node(Embedder).bind(config.embedder),
+        node(VectorSearch).bind(config.vector_search),
+        node(Generator).bind(config.generator),
     )
 
 

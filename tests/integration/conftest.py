@@ -33,13 +33,16 @@ def served() -> Iterator[ServedApp]:
     import ray
     from ray import serve
 
-    from graphs.app import build_app
+    from graphs.app import bind_graph
+    from mneme.config import load_config
 
     port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, namespace="mneme-tests", log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app({}), name=APP_NAME, route_prefix="/")
+        # A small Generator queue, so the overload test can fill it for real.
+        options = {"Generator": {"max_ongoing_requests": 4, "max_queued_requests": 4}}
+        serve.run(bind_graph(load_config({}), options), name=APP_NAME, route_prefix="/")
         yield ServedApp(f"http://127.0.0.1:{port}")
     finally:
         serve.shutdown()

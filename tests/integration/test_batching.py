@@ -54,14 +54,3 @@ def test_batch_size_changes_at_run_time(served, http):
     finally:
         handle.reconfigure.remote(None).result()
     assert embedder_stats(http)["max_batch_size"] == 32
-
-
-def test_stats_and_metrics(http):
-    http.post("/v1/embeddings", json={"input": "stats probe"}, headers={"X-Priority": "low"})
-    stats = http.get("/v1/stats").json()
-    assert stats["router"]["latency"]["embeddings/low"]["count"] >= 1
-    assert stats["vector_search"]["max_batch_size"] == 64
-    assert stats["generator"]["model"] == "mneme-tiny-llama"
-    metrics = http.get("/metrics").text
-    assert 'mneme_requests_total{route="embeddings",priority="low"}' in metrics
-    assert 'mneme_batches{deployment="embedder"}' in metrics

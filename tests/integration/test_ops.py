@@ -1,0 +1,48 @@
+"""Operations endpoints: health, stats, Prometheus metrics."""
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_healthz_reports_every_downstream(http):
+    r = http.get("/healthz")
+    assert r.status_code == 200
+    assert r.json() == {"status": "ok", "unavailable": []}
+
+
+def test_stats_and_metrics(http):
+    http.post("/v1/embeddings", json={"input": "stats probe"}, headers={"X-Priority": "low"})
+    stats = http.get("/v1/stats").json()
+    assert stats["router"]["latency"]["embeddings/low"]["count"] >= 1
+    assert stats["vector_search"]["max_batch_size"] == 64
+    assert stats["generator"]["model"] == "mneme-tiny-llama"
+    metrics = http.get("/metrics").text
+    assert 'mneme_requests_total{route="embeddings",priority="low"}' in metrics
+    assert 'mneme_batches{deployment="embedder"}' in metrics
+
+
+def test_a_full_downstream_is_503_with_retry_after_never_500(served):
+    """Fill the Generator's queue (4 running + 4 queued in the test app): the rest get 503."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(_: int):
+        with served.client() as c:
+            r = c.post(
+                "/v1/chat/completions",
+                json={
+                    "messages": [{"role": "user", "content": "overload"}],
+                    "max_tokens": 200,
+                },
+            )
+            return r.status_code, r.headers.get("retry-after"), r.json()
+
+    with ThreadPoolExecutor(max_workers=24) as pool:
+        results = list(pool.map(one, range(24)))
+    statuses = sorted(status for status, _, _ in results)
+    assert set(statuses) <= {200, 503}, statuses
+    assert statuses.count(200) >= 8 and statuses.count(503) >= 1, statuses
+    for status, retry_after, body in results:
+        if status == 503:
+            assert retry_after is not None and int(retry_after) >= 1
+            assert body["error"]["code"] == "overloaded"

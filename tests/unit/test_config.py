@@ -1,0 +1,63 @@
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from graphs.validate import main as validate_main
+from graphs.validate import validate_file
+from mneme.config import MnemeConfig, load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_defaults_are_the_embedded_cpu_graph():
+    config = load_config({})
+    assert config.embedder.batch.max_batch_size == 32
+    assert config.embedder.batch.batch_wait_timeout_s == 0.05
+    assert config.limits.max_text_chars == 8192
+    assert config.limits.max_items_per_request == 256
+    assert config.limits.max_request_body_bytes == 4 * 1024 * 1024
+    assert Path(config.embedder.resolved_model_path(), "config.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [
+        ({"embeder": {}}, "args.embeder"),
+        ({"embedder": {"batch": {"max_batch_size": 0}}}, "args.embedder.batch.max_batch_size"),
+        ({"limits": {"max_top_k": "many"}}, "args.limits.max_top_k"),
+        ({"generator": {"gpu_memory_utilization": 1.5}}, "args.generator.gpu_memory_utilization"),
+    ],
+)
+def test_a_bad_field_is_named(args, field):
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        load_config(args)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+    assert validate_file(path) == []
+
+
+def test_validate_cli_fails_on_a_typo_naming_the_field(tmp_path, capsys):
+    raw = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())
+    raw["applications"][0]["args"]["limits"]["max_topk"] = 5
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    assert validate_main([str(bad)]) == 1
+    assert "args.limits.max_topk" in capsys.readouterr().err
+    assert validate_main([str(ROOT / "configs" / "local.yaml")]) == 0
+
+
+def test_build_app_rejects_bad_args_before_deploying():
+    from graphs.app import build_app
+
+    with pytest.raises(ValueError, match=r"args\.vector_search\.metric"):
+        build_app({"vector_search": {"metric": "l2"}})
+
+
+def test_config_is_frozen():
+    config = MnemeConfig()
+    with pytest.raises(ValidationError):
+        config.limits.max_top_k = 5  # type: ignore[misc]
