@@ -71,7 +71,7 @@ class MnemeService:
         return p.EmbeddingResponse(
             data=data,
             model=self.embedding_model,
-            usage=p.Usage(prompt_tokens=tokens, total_tokens=tokens),
+            usage=p.EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens),
         )
 
     # -------------------------------------------------------------- memories

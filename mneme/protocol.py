@@ -204,17 +204,22 @@ class EmbeddingData(ResponseModel):
     embedding: list[float] | str
 
 
-class Usage(ResponseModel):
+class EmbeddingUsage(ResponseModel):
     prompt_tokens: int
     total_tokens: int
-    completion_tokens: int | None = None
+
+
+class Usage(ResponseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
 
 
 class EmbeddingResponse(ResponseModel):
     object: Literal["list"] = "list"
     data: list[EmbeddingData]
     model: str
-    usage: Usage
+    usage: EmbeddingUsage
 
 
 # ---------------------------------------------------------------- OpenAI: chat completions
