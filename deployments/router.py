@@ -10,6 +10,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from cache.client import CacheClient
+from deployments.compute import ComputeGraph
 from deployments.downstreams import Downstreams
 from deployments.http_errors import BodySizeLimit, install_error_handlers
 from deployments.metrics import to_prometheus
@@ -34,7 +36,7 @@ NamespaceQuery = Annotated[str, Query(pattern=NAMESPACE_PATTERN)]
 )
 @serve.ingress(app)
 class Router:
-    """The HTTP API of DESIGN.md; downstream calls go through one `Downstreams` object."""
+    """The HTTP API of DESIGN.md; everything computed goes through one `ComputeGraph`."""
 
     def __init__(
         self,
@@ -46,7 +48,11 @@ class Router:
         self.config = config
         BodySizeLimit.max_bytes = config.limits.max_request_body_bytes
         self.downstreams = Downstreams(embedder, vector_search, generator)
-        self.service = MnemeService(config, self.downstreams)
+        self.cache = None
+        if config.cache.enabled:
+            self.cache = CacheClient(config.cache, serve.get_replica_context().app_name)
+        self.compute = ComputeGraph(config, self.downstreams, self.cache)
+        self.service = MnemeService(config, self.compute)
         self.latency = LatencyBook()
 
     def _context(
@@ -59,8 +65,11 @@ class Router:
         )
         return RequestContext(priority=priority, deadline=parse_deadline_ms(deadline_ms))
 
-    def _observe(self, route: str, ctx: RequestContext) -> None:
+    def _done(self, route: str, ctx: RequestContext, response: Response) -> None:
+        """Record the request's latency and say whether its result came from cache."""
         self.latency.observe((route, ctx.priority.name.lower()), time.monotonic() - ctx.received_at)
+        if (tier := ctx.cache_header()) is not None:
+            response.headers["X-Cache"] = tier
 
     # ------------------------------------------------------------------ OpenAI
     @app.get("/v1/models")
@@ -71,18 +80,20 @@ class Router:
     async def embeddings(
         self,
         req: p.EmbeddingRequest,
+        response: Response,
         x_priority: PriorityHeader = None,
         x_deadline_ms: DeadlineHeader = None,
     ) -> p.EmbeddingResponse:
         ctx = self._context(x_priority, req.priority, x_deadline_ms)
         out = await self.service.embeddings(req, ctx)
-        self._observe("embeddings", ctx)
+        self._done("embeddings", ctx, response)
         return out
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(
         self,
         req: p.ChatCompletionRequest,
+        response: Response,
         x_priority: PriorityHeader = None,
         x_deadline_ms: DeadlineHeader = None,
     ) -> p.ChatCompletionResponse | StreamingResponse:
@@ -91,7 +102,7 @@ class Router:
             events = await self.service.chat_stream(req, ctx)
             return StreamingResponse(events, media_type="text/event-stream")
         out = await self.service.chat(req, ctx)
-        self._observe("chat", ctx)
+        self._done("chat", ctx, response)
         return out
 
     # ----------------------------------------------------------------- memories
@@ -99,24 +110,26 @@ class Router:
     async def add_memories(
         self,
         req: p.AddMemoriesRequest,
+        response: Response,
         x_priority: PriorityHeader = None,
         x_deadline_ms: DeadlineHeader = None,
     ) -> p.AddMemoriesResponse:
         ctx = self._context(x_priority, req.priority, x_deadline_ms)
         out = await self.service.add_memories(req, ctx)
-        self._observe("memories.add", ctx)
+        self._done("memories.add", ctx, response)
         return out
 
     @app.post("/v1/memories/search")
     async def search(
         self,
         req: p.SearchRequest,
+        response: Response,
         x_priority: PriorityHeader = None,
         x_deadline_ms: DeadlineHeader = None,
     ) -> p.SearchResponse:
         ctx = self._context(x_priority, req.priority, x_deadline_ms)
         out = await self.service.search(req, ctx)
-        self._observe("memories.search", ctx)
+        self._done("memories.search", ctx, response)
         return out
 
     @app.get("/v1/memories")
@@ -157,12 +170,25 @@ class Router:
     async def answer(
         self,
         req: p.AnswerRequest,
+        response: Response,
         x_priority: PriorityHeader = None,
         x_deadline_ms: DeadlineHeader = None,
     ) -> p.AnswerResponse:
         ctx = self._context(x_priority, req.priority, x_deadline_ms)
         out = await self.service.answer(req, ctx)
-        self._observe("answer", ctx)
+        self._done("answer", ctx, response)
+        return out
+
+    @app.post("/v1/cache/prewarm")
+    async def prewarm(
+        self, req: p.PrewarmRequest, response: Response, x_deadline_ms: DeadlineHeader = None
+    ) -> p.PrewarmResponse:
+        """Embed texts ahead of need, at background priority."""
+        ctx = RequestContext(
+            priority=Priority.BACKGROUND, deadline=parse_deadline_ms(x_deadline_ms)
+        )
+        out = await self.service.prewarm(req, ctx)
+        self._done("cache.prewarm", ctx, response)
         return out
 
     # ---------------------------------------------------------------- operations
@@ -176,7 +202,9 @@ class Router:
 
     @app.get("/v1/stats")
     async def stats(self) -> dict:
-        return {"router": {"latency": self.latency.summary()}, **(await self.downstreams.stats())}
+        out = {"router": {"latency": self.latency.summary()}, **(await self.downstreams.stats())}
+        out["cache"] = await self.cache.stats() if self.cache is not None else None
+        return out
 
     @app.get("/metrics")
     async def metrics(self) -> Response:

@@ -11,12 +11,13 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-from deployments.downstreams import Downstreams
+from cache.keys import Kind, namespaced_key, normalise_text
+from deployments.compute import ComputeGraph
 from mneme import protocol as p
 from mneme.config import MnemeConfig
 from mneme.errors import InvalidRequest, MnemeError, NotFound
 from mneme.priority import RequestContext
-from mneme.records import GenerationRequest, NewMemory, SearchHit, SearchQuery
+from mneme.records import GenerationRequest, NewMemory, SearchHit
 
 
 def new_id(prefix: str = "") -> str:
@@ -30,10 +31,10 @@ def _hit(h: SearchHit) -> p.Hit:
 class MnemeService:
     """Embeddings, memories, answers and chat, composed from the three downstreams."""
 
-    def __init__(self, config: MnemeConfig, downstreams: Downstreams):
+    def __init__(self, config: MnemeConfig, compute: ComputeGraph):
         self.config = config
         self.limits = config.limits
-        self.down = downstreams
+        self.compute = compute
         self.embedding_model = config.embedder.model_name
         self.chat_model = config.generator.served_model_name
 
@@ -55,7 +56,7 @@ class MnemeService:
     async def embeddings(self, req: p.EmbeddingRequest, ctx: RequestContext) -> p.EmbeddingResponse:
         req.check_limits(self.limits)
         self._check_model(req.model, self.embedding_model)
-        result = await self.down.embed(req.texts(), ctx)
+        result = await self.compute.embed(req.texts(), ctx)
         if req.dimensions is not None and req.dimensions != result.vectors.shape[1]:
             raise InvalidRequest(
                 f"this model has {result.vectors.shape[1]} dimensions", param="dimensions"
@@ -74,21 +75,26 @@ class MnemeService:
             usage=p.EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens),
         )
 
+    async def prewarm(self, req: p.PrewarmRequest, ctx: RequestContext) -> p.PrewarmResponse:
+        req.check_limits(self.limits)
+        await self.compute.embed(list(req.texts), ctx)
+        computed = ctx.cache_tiers.count("miss") if ctx.cache_tiers else len(req.texts)
+        return p.PrewarmResponse(
+            texts=len(req.texts), already_cached=len(req.texts) - computed, computed=computed
+        )
+
     # -------------------------------------------------------------- memories
     async def add_memories(
         self, req: p.AddMemoriesRequest, ctx: RequestContext
     ) -> p.AddMemoriesResponse:
         req.check_limits(self.limits)
         items = [NewMemory(i.id or new_id("mem_"), i.text, i.metadata) for i in req.items]
-        embedded = await self.down.embed([i.text for i in items], ctx)
-        ids = await self.down.upsert(req.namespace, items, embedded.vectors, ctx)
-        return p.AddMemoriesResponse(ids=ids)
+        return p.AddMemoriesResponse(ids=await self.compute.upsert(req.namespace, items, ctx))
 
     async def _retrieve(
         self, namespace: str, query: str, top_k: int, flt: dict | None, ctx: RequestContext
     ) -> list[SearchHit]:
-        vector = (await self.down.embed([query], ctx)).vectors[0]
-        return await self.down.search(SearchQuery(namespace, vector, top_k, flt), ctx)
+        return await self.compute.retrieve(namespace, query, top_k, flt, ctx)
 
     async def search(self, req: p.SearchRequest, ctx: RequestContext) -> p.SearchResponse:
         req.check_limits(self.limits)
@@ -96,7 +102,7 @@ class MnemeService:
         return p.SearchResponse(hits=[_hit(h) for h in hits])
 
     async def get_memory(self, namespace: str, memory_id: str, ctx: RequestContext) -> p.Memory:
-        stored = await self.down.get(namespace, memory_id, ctx)
+        stored = await self.compute.get(namespace, memory_id, ctx)
         if stored is None:
             raise NotFound(f"no memory {memory_id!r} in namespace {namespace!r}", param="id")
         return p.Memory(
@@ -106,7 +112,7 @@ class MnemeService:
     async def delete_memory(
         self, namespace: str, memory_id: str, ctx: RequestContext
     ) -> p.DeleteResponse:
-        if not await self.down.delete(namespace, memory_id, ctx):
+        if not await self.compute.delete(namespace, memory_id, ctx):
             raise NotFound(f"no memory {memory_id!r} in namespace {namespace!r}", param="id")
         return p.DeleteResponse(id=memory_id, deleted=True)
 
@@ -120,7 +126,7 @@ class MnemeService:
             if not cursor.isdigit():
                 raise InvalidRequest("cursor is not one this service returned", param="cursor")
             after = int(cursor)
-        page = await self.down.page(namespace, limit, after, ctx)
+        page = await self.compute.page(namespace, limit, after, ctx)
         data = [
             p.Memory(id=m.id, namespace=m.namespace, text=m.text, metadata=m.metadata)
             for m in page.memories
@@ -138,19 +144,35 @@ class MnemeService:
 
     async def answer(self, req: p.AnswerRequest, ctx: RequestContext) -> p.AnswerResponse:
         req.check_limits(self.limits)
-        hits = await self._retrieve(req.namespace, req.query, req.top_k, req.filter, ctx)
-        generation = await self.down.generate(
-            GenerationRequest(
-                request_id=new_id("answer-"),
-                messages=[("system", self._memory_prompt(hits)), ("user", req.query)],
-                max_tokens=self._max_tokens(req.max_tokens),
-                temperature=req.temperature,
-                priority=int(ctx.priority),
-            ),
-            ctx,
-        )
+
+        async def produce() -> tuple[str, list[SearchHit]]:
+            hits = await self._retrieve(req.namespace, req.query, req.top_k, req.filter, ctx)
+            generation = await self.compute.generate(
+                GenerationRequest(
+                    request_id=new_id("answer-"),
+                    messages=[("system", self._memory_prompt(hits)), ("user", req.query)],
+                    max_tokens=self._max_tokens(req.max_tokens),
+                    temperature=req.temperature,
+                    priority=int(ctx.priority),
+                ),
+                ctx,
+            )
+            return generation.text, hits
+
+        if req.temperature == 0:  # deterministic: one answer per namespace version
+            payload = [
+                normalise_text(req.query),
+                req.top_k,
+                req.filter,
+                self._max_tokens(req.max_tokens),
+                self.config.answer_system_prompt,
+            ]
+            key = namespaced_key(Kind.ANSWER, self.chat_model, req.namespace, payload)
+            text, hits = await self.compute.cached(key, produce, ctx)
+        else:
+            text, hits = await produce()
         return p.AnswerResponse(
-            answer=generation.text, memories=[_hit(h) for h in hits], model=self.chat_model
+            answer=text, memories=[_hit(h) for h in hits], model=self.chat_model
         )
 
     async def _generation_request(
@@ -184,8 +206,10 @@ class MnemeService:
         self, req: p.ChatCompletionRequest, ctx: RequestContext
     ) -> p.ChatCompletionResponse:
         request_id = new_id("chatcmpl-")
-        generation = await self.down.generate(
-            await self._generation_request(req, ctx, request_id), ctx
+        generation = await self.compute.generate(
+            await self._generation_request(req, ctx, request_id),
+            ctx,
+            cacheable=req.temperature == 0 or req.seed is not None,
         )
         return p.ChatCompletionResponse(
             id=request_id,
@@ -226,7 +250,7 @@ class MnemeService:
             yield chunk(p.ChatDelta(role="assistant", content=""))
             prompt_tokens = completion_tokens = 0
             try:
-                async for delta in self.down.generate_stream(generation_request, ctx):
+                async for delta in self.compute.generate_stream(generation_request, ctx):
                     prompt_tokens = delta.prompt_tokens or prompt_tokens
                     completion_tokens = delta.completion_tokens or completion_tokens
                     if delta.text or delta.finish_reason:

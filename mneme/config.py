@@ -104,6 +104,34 @@ class LimitsConfig(StrictModel):
     max_metadata_bytes: int = Field(16 * 1024, ge=16, description="JSON size of one metadata.")
 
 
+class CacheTtlConfig(StrictModel):
+    embedding: float = Field(24 * 3600.0, gt=0, description="Seconds an embedding lives.")
+    search: float = Field(300.0, gt=0, description="Seconds a search result lives.")
+    answer: float = Field(600.0, gt=0, description="Seconds an /v1/answer result lives.")
+    chat: float = Field(600.0, gt=0, description="Seconds a deterministic chat result lives.")
+
+
+class CacheConfig(StrictModel):
+    """The compute cache: L1 in named Ray actor(s), L2 in Redis when `redis_url` is set."""
+
+    enabled: bool = Field(True, description="False: every request computes (naive graph).")
+    shards: int = Field(1, ge=1, le=64, description="Cache actors; keys spread by hash.")
+    redis_url: str | None = Field(None, description="L2, e.g. redis://127.0.0.1:6379/0.")
+    max_entries: int = Field(200_000, ge=16, description="L1 entries per shard.")
+    max_bytes: int = Field(512 * 1024 * 1024, ge=1024, description="L1 bytes per shard.")
+    ttl_s: CacheTtlConfig = Field(default_factory=CacheTtlConfig)
+    hot_after_hits: int = Field(10, ge=1, description="Hits after which a key is hot.")
+    hot_ttl_factor: float = Field(5.0, ge=1.0, description="A hot key's TTL multiplier.")
+    l2_timeout_s: float = Field(0.05, gt=0, description="Per Redis call; then use L1/compute.")
+    l2_breaker_failures: int = Field(3, ge=1, description="Failures that open the breaker.")
+    l2_breaker_cooldown_s: float = Field(2.0, gt=0, description="Open breaker retries after.")
+    actor_timeout_s: float = Field(
+        2.0, gt=0, description="A cache call slower than this is a miss."
+    )
+    single_flight_wait_s: float = Field(30.0, gt=0, description="Longest wait for a joined miss.")
+    cache_chat: bool = Field(True, description="Cache chat at temperature 0 or with a seed.")
+
+
 class MnemeConfig(StrictModel):
     """The `args` of the Serve application (see configs/local.yaml)."""
 
@@ -111,6 +139,7 @@ class MnemeConfig(StrictModel):
     vector_search: VectorSearchConfig = Field(default_factory=VectorSearchConfig)
     generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
     answer_system_prompt: str = Field(
         "Answer the question using the memories below.",
         description="System prompt of /v1/answer and of chat's `memory` extension.",

@@ -38,6 +38,15 @@ class RequestContext:
     priority: Priority = Priority.NORMAL
     deadline: float | None = None  # time.monotonic() seconds
     received_at: float = field(default_factory=time.monotonic)
+    # tiers of the request's own cache lookup, filled on the way ("hit-l1", "hit-l2", "miss")
+    cache_tiers: list[str] = field(default_factory=list)
+
+    def cache_header(self) -> str | None:
+        """X-Cache: miss if anything was computed, else the slowest tier that answered."""
+        for tier in ("miss", "hit-l2", "hit-l1"):
+            if tier in self.cache_tiers:
+                return tier
+        return None
 
     def remaining_s(self) -> float | None:
         if self.deadline is None:

@@ -171,6 +171,25 @@ def _check_max_tokens(value: int | None, param: str, limits: LimitsConfig) -> No
         raise InvalidRequest(f"{param} must be in [1, {limits.max_tokens}]", param=param)
 
 
+class PrewarmRequest(ApiModel):
+    texts: list[Text] = Field(min_length=1)
+
+    def check_limits(self, limits: LimitsConfig) -> None:
+        if len(self.texts) > limits.max_items_per_request:
+            raise InvalidRequest(
+                f"{len(self.texts)} texts; the limit is {limits.max_items_per_request}",
+                param="texts",
+            )
+        for i, text in enumerate(self.texts):
+            _check_text(text, f"texts[{i}]", limits)
+
+
+class PrewarmResponse(ResponseModel):
+    texts: int
+    already_cached: int
+    computed: int
+
+
 # ---------------------------------------------------------------- OpenAI: embeddings
 
 

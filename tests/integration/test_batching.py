@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -17,9 +18,13 @@ def embedder_stats(http) -> dict:
 
 
 def fire(served, n: int) -> None:
+    """n concurrent single-text embeds of texts never seen before (so none is a cache hit)."""
+    run = uuid.uuid4().hex
+
     def one(i: int) -> int:
         with served.client() as c:
-            return c.post("/v1/embeddings", json={"input": f"concurrent text {i}"}).status_code
+            r = c.post("/v1/embeddings", json={"input": f"concurrent text {i} {run}"})
+            return r.status_code
 
     with ThreadPoolExecutor(max_workers=n) as pool:
         assert set(pool.map(one, range(n))) == {200}

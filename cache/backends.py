@@ -1,0 +1,166 @@
+"""Cache backends behind one small contract: batch get, batch set with a TTL, delete.
+
+`MemoryBackend` (L1, in the cache actor's memory, W-TinyLFU) and `RedisBackend` (L2) behave
+the same; one contract test suite runs against both.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from cache.policy import TinyLfuCache
+
+
+class CacheBackend(Protocol):
+    async def get_many(self, keys: Sequence[str]) -> dict[str, bytes]: ...
+
+    async def set_many(self, items: dict[str, bytes], ttl_s: float) -> None: ...
+
+    async def delete_many(self, keys: Sequence[str]) -> None: ...
+
+
+class MemoryBackend:
+    """L1: a bounded W-TinyLFU cache of bytes values (size = len(value) + key overhead)."""
+
+    KEY_OVERHEAD_BYTES = 100
+
+    def __init__(
+        self,
+        max_entries: int,
+        max_bytes: int | None = None,
+        *,
+        hot_after_hits: int = 10,
+        hot_ttl_factor: float = 5.0,
+        timer: Callable[[], float] = time.monotonic,
+    ):
+        self.cache = TinyLfuCache(
+            max_entries,
+            max_bytes,
+            hot_after_hits=hot_after_hits,
+            hot_ttl_factor=hot_ttl_factor,
+            timer=timer,
+        )
+
+    async def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
+        return self.get_many_now(keys)
+
+    def get_many_now(self, keys: Sequence[str]) -> dict[str, bytes]:
+        found = {}
+        for key in keys:
+            value = self.cache.get(key)
+            if value is not None:
+                found[key] = value
+        return found
+
+    async def set_many(self, items: dict[str, bytes], ttl_s: float) -> None:
+        self.set_many_now(items, ttl_s)
+
+    def set_many_now(self, items: dict[str, bytes], ttl_s: float) -> None:
+        for key, value in items.items():
+            self.cache.set(key, value, ttl_s, size=len(value) + self.KEY_OVERHEAD_BYTES)
+
+    async def delete_many(self, keys: Sequence[str]) -> None:
+        for key in keys:
+            self.cache.delete(key)
+
+
+class CircuitOpen(Exception):
+    """Raised instead of calling Redis while the breaker is open."""
+
+
+class CircuitBreaker:
+    """Opens after `failure_threshold` consecutive failures; retries after `cooldown_s`."""
+
+    def __init__(
+        self,
+        failure_threshold: int = 3,
+        cooldown_s: float = 2.0,
+        timer: Callable[[], float] = time.monotonic,
+    ):
+        self.failure_threshold = failure_threshold
+        self.cooldown_s = cooldown_s
+        self.timer = timer
+        self.failures = 0
+        self.opened_at: float | None = None
+
+    def allow(self) -> bool:
+        if self.opened_at is None:
+            return True
+        return self.timer() - self.opened_at >= self.cooldown_s  # half-open: one probe
+
+    def success(self) -> None:
+        self.failures = 0
+        self.opened_at = None
+
+    def failure(self) -> None:
+        self.failures += 1
+        if self.failures >= self.failure_threshold:
+            self.opened_at = self.timer()
+
+    @property
+    def state(self) -> str:
+        if self.opened_at is None:
+            return "closed"
+        return "half-open" if self.allow() else "open"
+
+
+class RedisBackend:
+    """L2: Redis with short timeouts behind a circuit breaker; errors raise to the caller."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout_s: float = 0.05,
+        key_prefix: str = "mneme:",
+        breaker: CircuitBreaker | None = None,
+    ):
+        import redis.asyncio as redis
+
+        self.key_prefix = key_prefix
+        self.breaker = breaker or CircuitBreaker()
+        self.client = redis.Redis.from_url(
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            health_check_interval=0,
+            retry_on_timeout=False,
+        )
+
+    async def _guarded(self, operation):
+        if not self.breaker.allow():
+            raise CircuitOpen("redis circuit open")
+        try:
+            result = await operation()
+        except Exception:
+            self.breaker.failure()
+            raise
+        self.breaker.success()
+        return result
+
+    async def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
+        if not keys:
+            return {}
+        values = await self._guarded(lambda: self.client.mget([self.key_prefix + k for k in keys]))
+        return {k: v for k, v in zip(keys, values, strict=True) if v is not None}
+
+    async def set_many(self, items: dict[str, bytes], ttl_s: float) -> None:
+        if not items:
+            return
+
+        async def write():
+            async with self.client.pipeline(transaction=False) as pipe:
+                for key, value in items.items():
+                    pipe.set(self.key_prefix + key, value, px=max(1, int(ttl_s * 1000)))
+                await pipe.execute()
+
+        await self._guarded(write)
+
+    async def delete_many(self, keys: Sequence[str]) -> None:
+        if keys:
+            await self._guarded(lambda: self.client.delete(*[self.key_prefix + k for k in keys]))
+
+    async def close(self) -> None:
+        await self.client.aclose()

@@ -1,0 +1,202 @@
+"""The Router's side of the cache: named shard actors, batch lookups, single flight.
+
+`get_or_compute` looks every key of a request up at once (one actor call per shard
+involved), computes only the misses this caller owns, stores them without waiting for L2,
+then collects misses other callers were already computing. A cache that is slow or gone is
+a miss, never an error: the request is computed instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import zlib
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import ray
+
+from cache.keys import KeyRequest
+from cache.shard import CacheShard, Lookup
+from mneme.config import CacheConfig
+
+logger = logging.getLogger(__name__)
+Compute = Callable[[list[int]], Awaitable[list[bytes]]]
+
+
+async def _awaited(ref: Any) -> Any:
+    return await ref
+
+
+def shard_actor_name(app_name: str, shard: int) -> str:
+    return f"mneme-cache:{app_name}:{shard}"
+
+
+class CacheClient:
+    """Handles to the cache shards of one application (created on first use, then shared)."""
+
+    def __init__(self, config: CacheConfig, app_name: str = "mneme"):
+        self.config = config
+        actor = ray.remote(CacheShard)
+        # Detached and named: every Router replica (and a restarted one) finds the same shards.
+        self.shards = [
+            actor.options(
+                name=shard_actor_name(app_name, i),
+                get_if_exists=True,
+                lifetime="detached",
+                num_cpus=0,
+                max_restarts=-1,
+                max_task_retries=0,
+                max_concurrency=10_000,
+            ).remote(config, i)
+            for i in range(config.shards)
+        ]
+
+    def _shard_of(self, request: KeyRequest) -> int:
+        """Namespaced keys live with their namespace's version; the rest spread by key."""
+        basis = request.namespace if request.namespace is not None else request.base
+        return self._shard_of_text(basis)
+
+    def _shard_of_text(self, basis: str) -> int:
+        return zlib.crc32(basis.encode("utf-8", "surrogatepass")) % len(self.shards)
+
+    async def _call(self, ref: Any, timeout_s: float | None = None) -> Any:
+        return await asyncio.wait_for(_awaited(ref), timeout_s or self.config.actor_timeout_s)
+
+    async def get_or_compute(
+        self, requests: Sequence[KeyRequest], compute: Compute, tiers: list[str] | None = None
+    ) -> list[bytes]:
+        """Values for `requests`, in order; `compute(indices)` is called for owned misses."""
+        by_shard: dict[int, list[int]] = defaultdict(list)
+        for i, request in enumerate(requests):
+            by_shard[self._shard_of(request)].append(i)
+        values: list[bytes | None] = [None] * len(requests)
+        labels = ["miss"] * len(requests)
+        owned: list[tuple[int, str, int]] = []  # (shard, key, first index)
+        pending: dict[int, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+        to_compute: list[int] = []
+        lookups = await asyncio.gather(
+            *(self._lookup(s, [requests[i] for i in idx]) for s, idx in by_shard.items())
+        )
+        for (shard, indices), lookup in zip(by_shard.items(), lookups, strict=True):
+            if lookup is None:  # cache unreachable: compute everything of this shard
+                to_compute += indices
+                continue
+            first_of: dict[str, int] = {}
+            owned_keys, pending_keys = set(lookup.owned), set(lookup.pending)
+            for i, key in zip(indices, lookup.keys, strict=True):
+                if key in lookup.found:
+                    values[i], labels[i] = lookup.found[key]
+                elif key in pending_keys:
+                    pending[shard][key].append(i)
+                elif key in owned_keys and key not in first_of:
+                    first_of[key] = i
+                    owned.append((shard, key, i))
+                    to_compute.append(i)
+                elif key in first_of:
+                    pending[shard][key].append(i)  # a duplicate inside this request
+                else:
+                    to_compute.append(i)
+        await self._compute_into(requests, compute, to_compute, owned, values)
+        for shard, keys in pending.items():
+            await self._collect(shard, keys, requests, compute, values)
+        if tiers is not None:
+            tiers.extend(labels)
+        return values  # type: ignore[return-value]
+
+    async def _lookup(self, shard: int, requests: list[KeyRequest]) -> Lookup | None:
+        try:
+            return await self._call(self.shards[shard].lookup.remote(requests))
+        except Exception as exc:
+            logger.warning("cache shard %d lookup failed (%r): computing instead", shard, exc)
+            return None
+
+    async def _compute_into(self, requests, compute, indices, owned, values) -> None:
+        if not indices:
+            return
+        try:
+            computed = await compute(indices)
+        except BaseException:
+            for shard, key, _ in owned:
+                self.shards[shard].release.remote([key])
+            raise
+        for i, value in zip(indices, computed, strict=True):
+            values[i] = value
+        per_shard: dict[int, list[tuple[str, Any, bytes]]] = defaultdict(list)
+        for shard, key, i in owned:
+            per_shard[shard].append((key, requests[i].kind, values[i]))
+        for shard, entries in per_shard.items():
+            self.shards[shard].store.remote(entries)  # fire and forget: never blocks a reply
+
+    async def _collect(self, shard, keys: dict[str, list[int]], requests, compute, values):
+        """Values other callers (or this request's duplicates) are computing."""
+        known = {}
+        for key, indices in keys.items():
+            ready = [values[i] for i in indices if values[i] is not None]
+            if ready:
+                known[key] = ready[0]
+        waiting = [k for k in keys if k not in known]
+        if waiting:
+            try:
+                ref = self.shards[shard].await_keys.remote(
+                    waiting, self.config.single_flight_wait_s
+                )
+                known.update(await self._call(ref, self.config.single_flight_wait_s + 1.0))
+            except Exception as exc:
+                logger.warning("waiting for joined misses failed (%r): computing", exc)
+        missing = [key for key in keys if key not in known]
+        if missing:  # the owner failed or timed out: compute them here
+            computed = await compute([keys[key][0] for key in missing])
+            known.update(zip(missing, computed, strict=True))
+        for key, indices in keys.items():
+            for i in indices:
+                if values[i] is None:
+                    values[i] = known[key]
+
+    async def bump(self, namespace: str) -> None:
+        """Make every cached search/answer of `namespace` unreachable (after a write)."""
+        shard = self._shard_of_text(namespace)
+        for attempt in range(3):
+            try:
+                await self._call(self.shards[shard].bump.remote(namespace))
+                return
+            except Exception as exc:
+                logger.warning("cache bump of %r failed (attempt %d): %r", namespace, attempt, exc)
+        logger.error(
+            "namespace %r version not bumped; its cached results may be stale until they expire",
+            namespace,
+        )
+
+    async def stats(self) -> dict[str, Any]:
+        shards = await asyncio.gather(
+            *(self._call(s.stats.remote()) for s in self.shards), return_exceptions=True
+        )
+        return aggregate([s for s in shards if isinstance(s, dict)], len(self.shards))
+
+
+def aggregate(shards: list[dict], expected: int) -> dict[str, Any]:
+    kinds: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    l1: dict[str, float] = defaultdict(float)
+    l2: dict[str, Any] = {}
+    for shard in shards:
+        for kind, figures in shard["kinds"].items():
+            for name in ("hits_l1", "hits_l2", "misses", "joined", "requests"):
+                kinds[kind][name] += figures[name]
+        for name, value in shard["l1"].items():
+            l1[name] += value
+        if shard["l2"] is not None:
+            l2["errors"] = l2.get("errors", 0) + shard["l2"]["errors"]
+            l2["writes_dropped"] = l2.get("writes_dropped", 0) + shard["l2"]["writes_dropped"]
+            l2.setdefault("breaker", []).append(shard["l2"]["breaker"])
+    for figures in kinds.values():
+        total = figures["requests"]
+        figures["hit_rate"] = (figures["hits_l1"] + figures["hits_l2"]) / total if total else 0.0
+        figures["hit_rate_l1"] = figures["hits_l1"] / total if total else 0.0
+    return {
+        "shards": expected,
+        "shards_answering": len(shards),
+        "kinds": {k: dict(v) for k, v in kinds.items()},
+        "l1": dict(l1),
+        "l2": l2 or None,
+    }

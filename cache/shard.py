@@ -1,0 +1,225 @@
+"""One cache shard: L1 (W-TinyLFU in memory), L2 (Redis), namespace versions, single flight.
+
+Pure asyncio; `cache.client` runs it as a named Ray actor. Reads go L1 -> L2 (promoting L2
+hits) -> miss; a miss is either *owned* by the caller (compute, then `store` or `release`)
+or *pending* (someone else is computing it: `await_keys`). Lookups never wait on others, so
+two requests that each own what the other waits for cannot deadlock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from cache.backends import MemoryBackend, RedisBackend
+from cache.keys import KeyRequest, Kind, versioned
+from mneme.config import CacheConfig
+
+logger = logging.getLogger(__name__)
+MAX_PENDING_L2_WRITES = 1000
+
+
+@dataclass
+class Lookup:
+    keys: list[str]  # the full key of each request, in order
+    found: dict[str, tuple[bytes, str]] = field(default_factory=dict)  # key -> (value, tier)
+    owned: list[str] = field(default_factory=list)
+    pending: list[str] = field(default_factory=list)
+
+
+@dataclass
+class KindStats:
+    hits_l1: int = 0
+    hits_l2: int = 0
+    misses: int = 0
+    joined: int = 0  # misses that waited for another caller's computation
+
+    def as_dict(self) -> dict[str, float]:
+        total = self.hits_l1 + self.hits_l2 + self.misses
+        return {
+            "hits_l1": self.hits_l1,
+            "hits_l2": self.hits_l2,
+            "misses": self.misses,
+            "joined": self.joined,
+            "requests": total,
+            "hit_rate": (self.hits_l1 + self.hits_l2) / total if total else 0.0,
+            "hit_rate_l1": self.hits_l1 / total if total else 0.0,
+        }
+
+
+class CacheShard:
+    """See the module docstring. All methods are coroutine-safe on one event loop."""
+
+    def __init__(
+        self, config: CacheConfig, shard: int = 0, timer: Callable[[], float] = time.monotonic
+    ):
+        self.config = config
+        self.shard = shard
+        self.timer = timer
+        self.l1 = MemoryBackend(
+            config.max_entries,
+            config.max_bytes,
+            hot_after_hits=config.hot_after_hits,
+            hot_ttl_factor=config.hot_ttl_factor,
+            timer=timer,
+        )
+        self.l2 = (
+            RedisBackend(config.redis_url, timeout_s=config.l2_timeout_s)
+            if (config.redis_url)
+            else None
+        )
+        if self.l2 is not None:
+            self.l2.breaker.failure_threshold = config.l2_breaker_failures
+            self.l2.breaker.cooldown_s = config.l2_breaker_cooldown_s
+        # A fresh epoch per start: versions from before a restart can never match again.
+        self.epoch = uuid.uuid4().hex[:8]
+        self._versions: dict[str, int] = defaultdict(int)
+        self._inflight: dict[str, tuple[asyncio.Future, float]] = {}
+        self._kinds: dict[Kind, KindStats] = defaultdict(KindStats)
+        self._l2_errors = 0
+        self._l2_writes_dropped = 0
+        self._l2_pending: set[asyncio.Task] = set()
+
+    def ready(self) -> bool:
+        return True
+
+    # ---------------------------------------------------------------- versions
+    def version(self, namespace: str) -> str:
+        return f"{self.epoch}.{self._versions[namespace]}"
+
+    def bump(self, namespace: str) -> str:
+        self._versions[namespace] += 1
+        return self.version(namespace)
+
+    def full_key(self, request: KeyRequest) -> str:
+        if request.namespace is None:
+            return request.base
+        return versioned(request.base, self.version(request.namespace))
+
+    # ------------------------------------------------------------------ reads
+    async def lookup(self, requests: list[KeyRequest], claim: bool = True) -> Lookup:
+        keys = [self.full_key(r) for r in requests]
+        kinds = dict(zip(keys, (r.kind for r in requests), strict=True))
+        result = Lookup(keys)
+        unique = list(dict.fromkeys(keys))
+        for key, value in self.l1.get_many_now(unique).items():
+            result.found[key] = (value, "hit-l1")
+        missing = [k for k in unique if k not in result.found]
+        if missing and self.l2 is not None:
+            from_l2 = await self._l2_get(missing)
+            for key, value in from_l2.items():
+                result.found[key] = (value, "hit-l2")
+                self.l1.set_many_now({key: value}, self._ttl(kinds[key]))
+            missing = [k for k in missing if k not in from_l2]
+        for key in unique:
+            if key in result.found:
+                stats = self._kinds[kinds[key]]
+                if result.found[key][1] == "hit-l1":
+                    stats.hits_l1 += 1
+                else:
+                    stats.hits_l2 += 1
+        now = self.timer()
+        for key in missing:
+            self._kinds[kinds[key]].misses += 1
+            if not claim:
+                continue
+            inflight = self._inflight.get(key)
+            if inflight is not None and now - inflight[1] < self.config.single_flight_wait_s:
+                result.pending.append(key)
+                self._kinds[kinds[key]].joined += 1
+            else:
+                self._inflight[key] = (asyncio.get_running_loop().create_future(), now)
+                result.owned.append(key)
+        return result
+
+    async def await_keys(self, keys: list[str], timeout_s: float) -> dict[str, bytes]:
+        """Values of pending keys once their owners store them (missing: compute yourself)."""
+        waits = {k: self._inflight[k][0] for k in keys if k in self._inflight}
+        found = self.l1.get_many_now([k for k in keys if k not in waits])
+        if waits:
+            await asyncio.wait([asyncio.shield(f) for f in waits.values()], timeout=timeout_s)
+            for key, future in waits.items():
+                if future.done() and future.result() is not None:
+                    found[key] = future.result()
+        return found
+
+    async def _l2_get(self, keys: list[str]) -> dict[str, bytes]:
+        try:
+            return await asyncio.wait_for(self.l2.get_many(keys), self.config.l2_timeout_s * 2)
+        except Exception as exc:  # L2 is an optimisation: a failure is a miss, counted
+            self._l2_errors += 1
+            logger.debug("L2 read failed: %r", exc)
+            return {}
+
+    # ----------------------------------------------------------------- writes
+    def _ttl(self, kind: Kind) -> float:
+        return getattr(self.config.ttl_s, Kind(kind).value)
+
+    async def store(self, entries: list[tuple[str, Kind, bytes]]) -> None:
+        """L1 now, L2 in the background; wakes every caller waiting on these keys."""
+        by_ttl: dict[float, dict[str, bytes]] = defaultdict(dict)
+        for key, kind, value in entries:
+            ttl = self._ttl(kind)
+            self.l1.set_many_now({key: value}, ttl)
+            by_ttl[ttl][key] = value
+            self._resolve(key, value)
+        if self.l2 is not None:
+            for ttl, items in by_ttl.items():
+                self._write_behind(items, ttl)
+
+    def release(self, keys: list[str]) -> None:
+        """The owner failed to compute: waiters wake empty-handed and compute themselves."""
+        for key in keys:
+            self._resolve(key, None)
+
+    def _resolve(self, key: str, value: bytes | None) -> None:
+        inflight = self._inflight.pop(key, None)
+        if inflight is not None and not inflight[0].done():
+            inflight[0].set_result(value)
+
+    def _write_behind(self, items: dict[str, bytes], ttl: float) -> None:
+        if len(self._l2_pending) >= MAX_PENDING_L2_WRITES:
+            self._l2_writes_dropped += 1
+            return
+        task = asyncio.get_running_loop().create_task(self._l2_set(items, ttl))
+        self._l2_pending.add(task)
+        task.add_done_callback(self._l2_pending.discard)
+
+    async def _l2_set(self, items: dict[str, bytes], ttl: float) -> None:
+        try:
+            await asyncio.wait_for(self.l2.set_many(items, ttl), self.config.l2_timeout_s * 4)
+        except Exception as exc:
+            self._l2_errors += 1
+            logger.debug("L2 write failed: %r", exc)
+
+    async def flush(self) -> None:
+        """Wait for background L2 writes (tests and shutdown)."""
+        if self._l2_pending:
+            await asyncio.gather(*list(self._l2_pending), return_exceptions=True)
+
+    # ------------------------------------------------------------------ stats
+    def stats(self) -> dict:
+        l1 = self.l1.cache
+        return {
+            "shard": self.shard,
+            "kinds": {kind.value: s.as_dict() for kind, s in self._kinds.items()},
+            "l1": {
+                "entries": len(l1),
+                "bytes": l1.bytes,
+                "evictions": l1.evictions,
+                "expirations": l1.expirations,
+            },
+            "l2": None
+            if self.l2 is None
+            else {
+                "errors": self._l2_errors,
+                "breaker": self.l2.breaker.state,
+                "writes_dropped": self._l2_writes_dropped,
+            },
+            "inflight": len(self._inflight),
+        }

@@ -1,0 +1,155 @@
+"""The compute path of the ingress: downstream calls with the compute cache in front.
+
+Everything `MnemeService` computes goes through here. Embeddings are cached per text
+(content-addressed), searches and answers per namespace version, deterministic chat per
+prompt; writes bump the namespace's version before they are acknowledged. Without a cache
+(the naive graph) every call goes straight to the downstreams.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import numpy as np
+
+from cache.client import CacheClient
+from cache.keys import KeyRequest, Kind, chat_key, embedding_key, namespaced_key, normalise_text
+from deployments.downstreams import Downstreams
+from mneme.config import MnemeConfig
+from mneme.priority import RequestContext
+from mneme.records import (
+    Embeddings,
+    Generation,
+    GenerationDelta,
+    GenerationRequest,
+    MemoryPage,
+    NewMemory,
+    SearchHit,
+    SearchQuery,
+    StoredMemory,
+)
+
+T = TypeVar("T")
+
+
+def _dumps(value: Any) -> bytes:
+    return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+class ComputeGraph:
+    """Typed, cached access to Embedder, VectorSearch and Generator."""
+
+    def __init__(
+        self, config: MnemeConfig, downstreams: Downstreams, cache: CacheClient | None = None
+    ):
+        self.config = config
+        self.down = downstreams
+        self.cache = cache
+        self.embedding_model = config.embedder.model_name
+
+    def _tiers(self, ctx: RequestContext) -> list[str] | None:
+        """Only a request's first lookup (its own result) decides its X-Cache header."""
+        return None if ctx.cache_tiers else ctx.cache_tiers
+
+    async def cached(
+        self, key: KeyRequest, produce: Callable[[], Awaitable[T]], ctx: RequestContext
+    ) -> T:
+        """One value through the cache (single flight included)."""
+        if self.cache is None:
+            return await produce()
+
+        async def compute(_: list[int]) -> list[bytes]:
+            return [_dumps(await produce())]
+
+        [value] = await self.cache.get_or_compute([key], compute, self._tiers(ctx))
+        return pickle.loads(value)
+
+    # ----------------------------------------------------------------- embeddings
+    async def embed(self, texts: list[str], ctx: RequestContext) -> Embeddings:
+        if self.cache is None:
+            return await self.down.embed(texts, ctx)
+
+        async def compute(indices: list[int]) -> list[bytes]:
+            result = await self.down.embed([texts[i] for i in indices], ctx)
+            return [
+                _dumps((result.vectors[j], result.token_counts[j])) for j in range(len(indices))
+            ]
+
+        keys = [embedding_key(self.embedding_model, text) for text in texts]
+        values = await self.cache.get_or_compute(keys, compute, self._tiers(ctx))
+        pairs = [pickle.loads(v) for v in values]
+        return Embeddings(
+            np.stack([p[0] for p in pairs]).astype(np.float32), [int(p[1]) for p in pairs]
+        )
+
+    # ----------------------------------------------------------------- memories
+    async def retrieve(
+        self,
+        namespace: str,
+        query: str,
+        top_k: int,
+        flt: dict[str, Any] | None,
+        ctx: RequestContext,
+    ) -> list[SearchHit]:
+        async def search() -> list[SearchHit]:
+            vector = (await self.embed([query], ctx)).vectors[0]
+            return await self.down.search(SearchQuery(namespace, vector, top_k, flt), ctx)
+
+        key = namespaced_key(
+            Kind.SEARCH, self.embedding_model, namespace, [normalise_text(query), top_k, flt]
+        )
+        return await self.cached(key, search, ctx)
+
+    async def upsert(
+        self, namespace: str, items: list[NewMemory], ctx: RequestContext
+    ) -> list[str]:
+        embedded = await self.embed([item.text for item in items], ctx)
+        try:
+            return await self.down.upsert(namespace, items, embedded.vectors, ctx)
+        finally:  # even a failed write may have landed part-way: never serve the old view
+            await self._bump(namespace)
+
+    async def delete(self, namespace: str, memory_id: str, ctx: RequestContext) -> bool:
+        try:
+            return await self.down.delete(namespace, memory_id, ctx)
+        finally:
+            await self._bump(namespace)
+
+    async def _bump(self, namespace: str) -> None:
+        if self.cache is not None:
+            await self.cache.bump(namespace)
+
+    async def get(self, namespace: str, memory_id: str, ctx: RequestContext) -> StoredMemory | None:
+        return await self.down.get(namespace, memory_id, ctx)
+
+    async def page(
+        self, namespace: str, limit: int, cursor: int | None, ctx: RequestContext
+    ) -> MemoryPage:
+        return await self.down.page(namespace, limit, cursor, ctx)
+
+    # ---------------------------------------------------------------- generation
+    def generate_stream(
+        self, request: GenerationRequest, ctx: RequestContext
+    ) -> AsyncIterator[GenerationDelta]:
+        return self.down.generate_stream(request, ctx)
+
+    async def generate(
+        self, request: GenerationRequest, ctx: RequestContext, cacheable: bool = False
+    ) -> Generation:
+        """`cacheable`: the output is a function of the request (temperature 0 or a seed)."""
+        if not (cacheable and self.config.cache.cache_chat):
+            return await self.down.generate(request, ctx)
+        payload = [
+            request.messages,
+            request.max_tokens,
+            request.temperature,
+            request.top_p,
+            request.seed,
+            request.stop,
+            request.presence_penalty,
+            request.frequency_penalty,
+        ]
+        key = chat_key(self.config.generator.served_model_name, payload)
+        return await self.cached(key, lambda: self.down.generate(request, ctx), ctx)
