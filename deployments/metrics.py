@@ -30,8 +30,9 @@ def to_prometheus(stats: dict[str, Any]) -> str:
     for kind, figures in cache.get("kinds", {}).items():
         lines.append(_sample("mneme_cache_hit_rate", {"kind": kind}, figures["hit_rate"]))
         for tier, name in (("l1", "hits_l1"), ("l2", "hits_l2"), ("miss", "misses")):
-            lines.append(_sample("mneme_cache_lookups_total", {"kind": kind, "result": tier},
-                                 figures[name]))
+            lines.append(
+                _sample("mneme_cache_lookups_total", {"kind": kind, "result": tier}, figures[name])
+            )
     for name, value in (cache.get("l1") or {}).items():
         lines.append(_sample(f"mneme_cache_l1_{name}", {}, value))
     if cache.get("l2"):

@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from tests.conftest import free_port
+from tests.redis_server import RedisServer
 
 APP_NAME = "mneme"
 
@@ -20,6 +21,7 @@ APP_NAME = "mneme"
 @dataclass(frozen=True)
 class ServedApp:
     base_url: str
+    redis: RedisServer
 
     def client(self, timeout: float = 120.0) -> httpx.Client:
         return httpx.Client(base_url=self.base_url, timeout=timeout)
@@ -37,16 +39,19 @@ def served() -> Iterator[ServedApp]:
     from mneme.config import load_config
 
     port = free_port()
+    redis_server = RedisServer().start()
     ray.init(num_cpus=2, include_dashboard=False, namespace="mneme-tests", log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         # A small Generator queue, so the overload test can fill it for real.
         options = {"Generator": {"max_ongoing_requests": 4, "max_queued_requests": 4}}
-        serve.run(bind_graph(load_config({}), options), name=APP_NAME, route_prefix="/")
-        yield ServedApp(f"http://127.0.0.1:{port}")
+        config = load_config({"cache": {"redis_url": redis_server.url}})
+        serve.run(bind_graph(config, options), name=APP_NAME, route_prefix="/")
+        yield ServedApp(f"http://127.0.0.1:{port}", redis_server)
     finally:
         serve.shutdown()
         ray.shutdown()
+        redis_server.cleanup()
 
 
 @pytest.fixture()

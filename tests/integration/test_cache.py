@@ -1,0 +1,158 @@
+"""The compute cache through real HTTP, with a real Redis as L2."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import redis
+
+pytestmark = [pytest.mark.slow, pytest.mark.redis]
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix} {uuid.uuid4().hex}"
+
+
+def embed(http, text, **headers):
+    return http.post("/v1/embeddings", json={"input": text}, headers=headers)
+
+
+def test_repeated_embedding_is_an_l1_hit_with_the_same_vector(http):
+    text = unique("cache me")
+    first, second = embed(http, text), embed(http, text)
+    assert first.headers["x-cache"] == "miss" and second.headers["x-cache"] == "hit-l1"
+    assert first.json()["data"] == second.json()["data"]
+    assert first.json()["usage"] == second.json()["usage"]
+    # normalised whitespace is the same text for the model, so the same entry
+    assert embed(http, "  " + text.replace(" ", "   ") + " ").headers["x-cache"] == "hit-l1"
+
+
+def test_a_batch_only_computes_its_misses(http):
+    known = unique("known")
+    embed(http, known)
+    r = http.post("/v1/embeddings", json={"input": [known, unique("new")]})
+    assert r.headers["x-cache"] == "miss"
+    assert embed(http, known).headers["x-cache"] == "hit-l1"
+
+
+def test_search_cache_is_invalidated_by_add_and_delete(http):
+    space = f"c-{uuid.uuid4().hex[:8]}"
+    http.post("/v1/memories", json={"namespace": space, "items": [{"id": "a", "text": "apples"}]})
+    query = {"namespace": space, "query": "fruit", "top_k": 5}
+    first = http.post("/v1/memories/search", json=query)
+    second = http.post("/v1/memories/search", json=query)
+    assert (first.headers["x-cache"], second.headers["x-cache"]) == ("miss", "hit-l1")
+    http.post("/v1/memories", json={"namespace": space, "items": [{"id": "b", "text": "pears"}]})
+    after_add = http.post("/v1/memories/search", json=query)
+    assert after_add.headers["x-cache"] == "miss"
+    assert {h["id"] for h in after_add.json()["hits"]} == {"a", "b"}
+    http.delete("/v1/memories/a", params={"namespace": space})
+    after_delete = http.post("/v1/memories/search", json=query)
+    assert after_delete.headers["x-cache"] == "miss"
+    assert [h["id"] for h in after_delete.json()["hits"]] == ["b"]
+
+
+def test_same_query_in_two_namespaces_never_shares_a_result(http):
+    a, b = f"iso-{uuid.uuid4().hex[:8]}", f"iso-{uuid.uuid4().hex[:8]}"
+    http.post("/v1/memories", json={"namespace": a, "items": [{"text": "alpha secret"}]})
+    http.post("/v1/memories", json={"namespace": b, "items": [{"text": "beta note"}]})
+    query = "what is the secret?"
+    ra = http.post("/v1/memories/search", json={"namespace": a, "query": query})
+    rb = http.post("/v1/memories/search", json={"namespace": b, "query": query})
+    assert rb.headers["x-cache"] == "miss"
+    assert [h["text"] for h in ra.json()["hits"]] == ["alpha secret"]
+    assert [h["text"] for h in rb.json()["hits"]] == ["beta note"]
+
+
+def test_answers_are_cached_per_namespace_version(http):
+    space = f"ans-{uuid.uuid4().hex[:8]}"
+    http.post("/v1/memories", json={"namespace": space, "items": [{"text": "Tea at 5"}]})
+    body = {"namespace": space, "query": "when is tea?", "max_tokens": 6}
+    first, second = (http.post("/v1/answer", json=body) for _ in range(2))
+    assert (first.headers["x-cache"], second.headers["x-cache"]) == ("miss", "hit-l1")
+    assert first.json() == second.json()
+    http.post("/v1/memories", json={"namespace": space, "items": [{"text": "Coffee at 9"}]})
+    assert http.post("/v1/answer", json=body).headers["x-cache"] == "miss"
+
+
+def test_only_deterministic_chat_is_cached(http):
+    messages = [{"role": "user", "content": unique("chat")}]
+    greedy = {"messages": messages, "max_tokens": 5, "temperature": 0}
+    first, second = (http.post("/v1/chat/completions", json=greedy) for _ in range(2))
+    assert (first.headers["x-cache"], second.headers["x-cache"]) == ("miss", "hit-l1")
+    assert first.json()["choices"] == second.json()["choices"]
+    seeded = {"messages": messages, "max_tokens": 5, "temperature": 1.0, "seed": 7}
+    assert http.post("/v1/chat/completions", json=seeded).headers["x-cache"] == "miss"
+    assert http.post("/v1/chat/completions", json=seeded).headers["x-cache"] == "hit-l1"
+    sampled = {"messages": messages, "max_tokens": 5, "temperature": 1.0}
+    assert "x-cache" not in http.post("/v1/chat/completions", json=sampled).headers
+
+
+def test_concurrent_identical_misses_are_computed_once(served, http):
+    text = unique("stampede")
+    before = http.get("/v1/stats").json()["embedder"]["items"]
+
+    def one(_: int) -> str:
+        with served.client() as c:
+            r = c.post("/v1/embeddings", json={"input": text})
+            assert r.status_code == 200
+            return r.headers["x-cache"]
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        tiers = list(pool.map(one, range(16)))
+    assert http.get("/v1/stats").json()["embedder"]["items"] - before == 1
+    assert "miss" in tiers
+
+
+def test_prewarm_embeds_at_background_priority(http):
+    texts = [unique("warm") for _ in range(3)]
+    r = http.post("/v1/cache/prewarm", json={"texts": texts})
+    assert r.status_code == 200 and r.json() == {"texts": 3, "already_cached": 0, "computed": 3}
+    assert embed(http, texts[1]).headers["x-cache"] == "hit-l1"
+    assert http.post("/v1/cache/prewarm", json={"texts": texts}).json()["computed"] == 0
+    latency = http.get("/v1/stats").json()["router"]["latency"]
+    assert latency["cache.prewarm/background"]["count"] >= 2
+    assert http.post("/v1/cache/prewarm", json={"texts": []}).status_code == 400
+
+
+def test_stats_report_hit_rates_per_kind(http):
+    text = unique("stats")
+    embed(http, text), embed(http, text)
+    cache = http.get("/v1/stats").json()["cache"]
+    embedding = cache["kinds"]["embedding"]
+    assert embedding["hits_l1"] >= 1 and 0 < embedding["hit_rate"] < 1
+    assert cache["l1"]["entries"] > 0 and cache["l1"]["bytes"] > 0
+    assert cache["l2"]["breaker"] == ["closed"]
+    assert 'mneme_cache_hit_rate{kind="embedding"}' in http.get("/metrics").text
+
+
+def _l2_embedding_keys(served) -> int:
+    client = redis.Redis.from_url(served.redis.url)
+    return sum(1 for _ in client.scan_iter("mneme:embedding:*"))
+
+
+def test_redis_killed_mid_test_then_restarted(served, http):
+    """No request fails while Redis is gone; L2 is written again once it is back."""
+    assert _l2_embedding_keys(served) > 0  # writes reached L2 so far
+    served.redis.stop()
+    try:
+        statuses = [embed(http, unique("during outage")).status_code for _ in range(10)]
+        statuses += [
+            http.post(
+                "/v1/memories/search", json={"namespace": "outage", "query": unique("q")}
+            ).status_code
+            for _ in range(5)
+        ]
+        assert statuses == [200] * 15
+        assert http.get("/v1/stats").json()["cache"]["l2"]["errors"] >= 1
+    finally:
+        served.redis.start()  # same port, empty (no persistence in tests)
+    deadline = time.monotonic() + 15
+    while _l2_embedding_keys(served) == 0 and time.monotonic() < deadline:
+        embed(http, unique("after restart"))
+        time.sleep(0.5)
+    assert _l2_embedding_keys(served) > 0
+    assert http.get("/v1/stats").json()["cache"]["l2"]["breaker"] == ["closed"]

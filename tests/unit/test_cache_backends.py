@@ -1,0 +1,104 @@
+"""ONE contract test suite, run against every cache backend (L1 memory and L2 Redis)."""
+
+import asyncio
+
+import pytest
+
+from cache.backends import CircuitBreaker, CircuitOpen, MemoryBackend, RedisBackend
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+def make_backend(request):
+    """A factory: a Redis client belongs to the event loop it is made in."""
+    if request.param == "memory":
+        return lambda: MemoryBackend(1000)
+    server = request.getfixturevalue("redis_server")
+    return lambda: RedisBackend(server.url, timeout_s=0.5)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_get_many_returns_only_present_keys(make_backend):
+    async def go():
+        backend = make_backend()
+        await backend.set_many({"a": b"1", "b": b"2"}, ttl_s=60)
+        return await backend.get_many(["a", "b", "c"])
+
+    assert run(go()) == {"a": b"1", "b": b"2"}
+
+
+def test_set_replaces(make_backend):
+    async def go():
+        backend = make_backend()
+        await backend.set_many({"k": b"old"}, ttl_s=60)
+        await backend.set_many({"k": b"new"}, ttl_s=60)
+        return await backend.get_many(["k"])
+
+    assert run(go()) == {"k": b"new"}
+
+
+def test_delete_many(make_backend):
+    async def go():
+        backend = make_backend()
+        await backend.set_many({"a": b"1", "b": b"2"}, ttl_s=60)
+        await backend.delete_many(["a"])
+        return await backend.get_many(["a", "b"])
+
+    assert run(go()) == {"b": b"2"}
+
+
+def test_ttl_expires(make_backend):
+    async def go():
+        backend = make_backend()
+        await backend.set_many({"short": b"x"}, ttl_s=0.2)
+        before = await backend.get_many(["short"])
+        await asyncio.sleep(0.4)
+        return before, await backend.get_many(["short"])
+
+    assert run(go()) == ({"short": b"x"}, {})
+
+
+def test_empty_and_binary_values(make_backend):
+    payload = bytes(range(256)) * 10
+
+    async def go():
+        backend = make_backend()
+        await backend.set_many({"bin": payload}, ttl_s=60)
+        return await backend.get_many([]), await backend.get_many(["bin"])
+
+    assert run(go()) == ({}, {"bin": payload})
+
+
+def test_breaker_opens_after_failures_and_half_opens():
+    now = [0.0]
+    breaker = CircuitBreaker(failure_threshold=2, cooldown_s=5, timer=lambda: now[0])
+    breaker.failure()
+    assert breaker.allow()
+    breaker.failure()
+    assert not breaker.allow() and breaker.state == "open"
+    now[0] = 5.0
+    assert breaker.allow() and breaker.state == "half-open"
+    breaker.success()
+    assert breaker.state == "closed"
+
+
+@pytest.mark.redis
+def test_redis_down_raises_fast_then_the_breaker_stops_calls(redis_server):
+    backend = RedisBackend(redis_server.url, timeout_s=0.05)
+    redis_server.stop()
+
+    async def go():
+        errors = 0
+        for _ in range(3):
+            try:
+                await backend.get_many(["k"])
+            except Exception:
+                errors += 1
+        with pytest.raises(CircuitOpen):
+            await backend.get_many(["k"])
+        await backend.close()
+        return errors
+
+    assert run(go()) == 3

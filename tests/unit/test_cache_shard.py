@@ -1,0 +1,200 @@
+"""A cache shard without Ray: tiers, versions, single flight, isolation, Redis outages."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import pytest
+
+from cache.keys import Kind, embedding_key, namespaced_key
+from cache.shard import CacheShard
+from mneme.config import CacheConfig
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def search_key(namespace: str, query: str):
+    return namespaced_key(Kind.SEARCH, "m", namespace, [query, 5, None])
+
+
+async def fill(shard: CacheShard, request, value: bytes) -> str:
+    lookup = await shard.lookup([request])
+    assert lookup.owned, "expected a miss to own"
+    await shard.store([(lookup.owned[0], request.kind, value)])
+    return lookup.owned[0]
+
+
+def test_miss_then_l1_hit():
+    async def go():
+        shard = CacheShard(CacheConfig())
+        key = embedding_key("m", "hello")
+        first = await shard.lookup([key])
+        await shard.store([(first.owned[0], Kind.EMBEDDING, b"v")])
+        second = await shard.lookup([key])
+        return first, second, shard.stats()["kinds"]["embedding"]
+
+    first, second, stats = run(go())
+    assert first.found == {} and len(first.owned) == 1
+    assert second.found == {second.keys[0]: (b"v", "hit-l1")}
+    assert stats["hits_l1"] == 1 and stats["misses"] == 1 and stats["hit_rate"] == 0.5
+
+
+def test_normalised_text_shares_an_embedding_key():
+    assert embedding_key("m", "  hello   world ") == embedding_key("m", "hello world")
+    assert embedding_key("m", "hello") != embedding_key("other-model", "hello")
+    assert embedding_key("m", "Hello") != embedding_key("m", "hello")
+
+
+def test_a_write_bumps_the_version_so_old_results_are_unreachable():
+    async def go():
+        shard = CacheShard(CacheConfig())
+        request = search_key("ns", "q")
+        await fill(shard, request, b"old result")
+        hit = await shard.lookup([request])
+        shard.bump("ns")
+        after = await shard.lookup([request])
+        other = await shard.lookup([search_key("other-ns", "q")])
+        return hit, after, other
+
+    hit, after, other = run(go())
+    assert list(hit.found.values()) == [(b"old result", "hit-l1")]
+    assert after.found == {} and after.keys != hit.keys
+    assert other.found == {}
+
+
+def test_single_flight_n_concurrent_misses_compute_once():
+    async def go():
+        shard = CacheShard(CacheConfig())
+        key = embedding_key("m", "popular")
+        computed = 0
+
+        async def caller():
+            nonlocal computed
+            lookup = await shard.lookup([key])
+            if lookup.owned:
+                computed += 1
+                await asyncio.sleep(0.05)  # the computation
+                await shard.store([(lookup.owned[0], Kind.EMBEDDING, b"vec")])
+                return b"vec"
+            if lookup.pending:
+                return (await shard.await_keys(lookup.pending, 5.0))[lookup.pending[0]]
+            return lookup.found[lookup.keys[0]][0]
+
+        results = await asyncio.gather(*(caller() for _ in range(20)))
+        return computed, results, shard.stats()["kinds"]["embedding"]["joined"]
+
+    computed, results, joined = run(go())
+    assert computed == 1 and results == [b"vec"] * 20 and joined == 19
+
+
+def test_a_failed_owner_releases_its_waiters():
+    async def go():
+        shard = CacheShard(CacheConfig())
+        key = embedding_key("m", "doomed")
+        owner = await shard.lookup([key])
+        waiter = await shard.lookup([key])
+        waiting = asyncio.create_task(shard.await_keys(waiter.pending, 5.0))
+        await asyncio.sleep(0.01)
+        shard.release(owner.owned)
+        started = time.monotonic()
+        got = await waiting
+        return got, time.monotonic() - started, await shard.lookup([key])
+
+    got, waited_s, again = run(go())
+    assert got == {} and waited_s < 1.0
+    assert again.owned == again.keys  # nobody holds it now: the next caller computes
+
+
+def test_randomized_isolation_across_namespaces_and_versions():
+    """No lookup ever hits a value stored for another namespace or an older version."""
+
+    async def go():
+        rng = random.Random(1234)
+        shard = CacheShard(CacheConfig())
+        namespaces = [f"tenant-{i}" for i in range(12)] + ["a:b", "a", "b", "a.b"]
+        payloads = [f"query {i}" for i in range(25)]
+        stored: dict[tuple[str, str, str], bytes] = {}
+        for step in range(3000):
+            ns, payload = rng.choice(namespaces), rng.choice(payloads)
+            if rng.random() < 0.1:
+                shard.bump(ns)
+                continue
+            request = search_key(ns, payload)
+            version = shard.version(ns)
+            lookup = await shard.lookup([request])
+            if lookup.found:
+                value, _ = lookup.found[lookup.keys[0]]
+                assert value == stored[(ns, version, payload)], (ns, version, payload)
+            elif lookup.owned:
+                value = f"{ns}|{version}|{payload}|{step}".encode()
+                stored[(ns, version, payload)] = value
+                await shard.store([(lookup.owned[0], Kind.SEARCH, value)])
+        return len(stored)
+
+    assert run(go()) > 500
+
+
+@pytest.mark.redis
+def test_l2_hit_is_promoted_to_l1(redis_server):
+    async def go():
+        config = CacheConfig(redis_url=redis_server.url, l2_timeout_s=0.5)
+        writer = CacheShard(config)
+        key = embedding_key("m", "shared text")
+        await fill(writer, key, b"vector")
+        await writer.flush()
+        reader = CacheShard(config)  # a fresh L1 (e.g. a restarted actor), the same Redis
+        first = await reader.lookup([key])
+        second = await reader.lookup([key])
+        return first, second
+
+    first, second = run(go())
+    assert list(first.found.values()) == [(b"vector", "hit-l2")]
+    assert list(second.found.values()) == [(b"vector", "hit-l1")]
+
+
+@pytest.mark.redis
+def test_versions_do_not_survive_a_restart_so_l2_never_serves_stale(redis_server):
+    async def go():
+        config = CacheConfig(redis_url=redis_server.url, l2_timeout_s=0.5)
+        before = CacheShard(config)
+        await fill(before, search_key("ns", "q"), b"result at version 0")
+        await before.flush()
+        after_restart = CacheShard(config)  # it never saw the writes that bumped versions
+        return await after_restart.lookup([search_key("ns", "q")])
+
+    assert run(go()).found == {}
+
+
+@pytest.mark.redis
+def test_redis_killed_then_restarted(redis_server):
+    async def go():
+        config = CacheConfig(
+            redis_url=redis_server.url, l2_timeout_s=0.05, l2_breaker_cooldown_s=0.2
+        )
+        shard = CacheShard(config)
+        await fill(shard, embedding_key("m", "before"), b"1")
+        await shard.flush()
+        redis_server.stop()
+        outage = []
+        for i in range(10):  # every lookup still answers: L1 hits and misses, no errors
+            lookup = await shard.lookup(
+                [embedding_key("m", "before"), embedding_key("m", f"new {i}")]
+            )
+            outage.append(lookup)
+            await shard.store([(lookup.owned[0], Kind.EMBEDDING, b"x")]) if lookup.owned else None
+        errors_during = shard.stats()["l2"]["errors"]
+        redis_server.start()
+        await asyncio.sleep(0.3)  # past the breaker's cooldown
+        await fill(shard, embedding_key("m", "after"), b"2")
+        await shard.flush()
+        fresh = CacheShard(config)
+        return outage, errors_during, await fresh.lookup([embedding_key("m", "after")])
+
+    outage, errors_during, after = run(go())
+    assert all(lookup.found.get(lookup.keys[0]) == (b"1", "hit-l1") for lookup in outage)
+    assert errors_during >= 1
+    assert list(after.found.values()) == [(b"2", "hit-l2")]
