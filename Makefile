@@ -39,7 +39,8 @@ test-fast: install
 	$(BIN)/python -m pytest -m "not slow"
 
 bench: install
-	@echo "benchmarks arrive with their issues (cache, priority, compute-aware vs naive)"
+	$(BIN)/python -m benchmarks.cache_policy
+	$(BIN)/python -m benchmarks.cache_http
 
 lint:
 	$(BIN)/ruff check .

@@ -1,0 +1,77 @@
+"""Helpers for benchmarks that serve things: a local Ray Serve with the Mneme graph and a no-op
+ingress beside it, on free loopback ports, torn down on exit."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def build_noop_app():
+    """The cheapest FastAPI ingress Serve can run: the floor of any HTTP path here."""
+    from fastapi import FastAPI
+    from ray import serve
+
+    app = FastAPI()
+
+    @serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.25})
+    @serve.ingress(app)
+    class NoOp:
+        @app.post("/v1/embeddings")
+        async def embeddings(self, body: dict) -> dict:
+            return {"object": "list", "data": []}
+
+    return NoOp.bind()
+
+
+@contextlib.contextmanager
+def served_graph(mneme_args: dict[str, Any], options: dict | None = None) -> Iterator[str]:
+    """Ray + Serve on a free port: Mneme at `/`, the no-op ingress at `/noop`."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+    from ray import serve
+
+    from graphs.app import bind_graph
+    from mneme.config import load_config
+
+    port = free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="mneme-bench")
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_noop_app(), name="noop", route_prefix="/noop")
+        serve.run(bind_graph(load_config(mneme_args), options), name="mneme", route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def timed(call: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+def summary_ms(samples: list[float]) -> dict[str, float]:
+    ms = np.asarray(samples) * 1000.0
+    return {
+        "n": len(samples),
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p95_ms": float(np.percentile(ms, 95)),
+        "mean_ms": statistics.fmean(ms),
+    }
