@@ -168,6 +168,24 @@ class CacheClient:
             namespace,
         )
 
+    async def semantic_lookup(
+        self, namespace: str, bucket: str, vector: Any, threshold: float
+    ) -> tuple[str | None, bytes | None]:
+        """(version to register under, a similar query's cached answer or None)."""
+        shard = self.shards[self._shard_of_text(namespace)]
+        try:
+            ref = shard.semantic_lookup.remote(namespace, bucket, vector, threshold)
+            return await self._call(ref)
+        except Exception as exc:
+            logger.warning("semantic lookup failed (%r): computing", exc)
+            return None, None
+
+    def semantic_add(
+        self, namespace: str, bucket: str, version: str, vector: Any, answer: bytes
+    ) -> None:
+        shard = self.shards[self._shard_of_text(namespace)]
+        shard.semantic_add.remote(namespace, bucket, version, vector, answer)  # fire and forget
+
     async def stats(self) -> dict[str, Any]:
         shards = await asyncio.gather(
             *(self._call(s.stats.remote()) for s in self.shards), return_exceptions=True
@@ -179,7 +197,10 @@ def aggregate(shards: list[dict], expected: int) -> dict[str, Any]:
     kinds: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     l1: dict[str, float] = defaultdict(float)
     l2: dict[str, Any] = {}
+    semantic = {"hits": 0, "misses": 0}
     for shard in shards:
+        for name in semantic:
+            semantic[name] += shard["semantic"][name]
         for kind, figures in shard["kinds"].items():
             for name in ("hits_l1", "hits_l2", "misses", "joined", "requests"):
                 kinds[kind][name] += figures[name]
@@ -199,4 +220,5 @@ def aggregate(shards: list[dict], expected: int) -> dict[str, Any]:
         "kinds": {k: dict(v) for k, v in kinds.items()},
         "l1": dict(l1),
         "l2": l2 or None,
+        "semantic_answers": semantic,
     }

@@ -16,6 +16,8 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from cache.backends import MemoryBackend, RedisBackend
 from cache.keys import KeyRequest, Kind, versioned
 from mneme.config import CacheConfig
@@ -84,6 +86,11 @@ class CacheShard:
         self._l2_errors = 0
         self._l2_writes_dropped = 0
         self._l2_pending: set[asyncio.Task] = set()
+        # (namespace, bucket) -> (version, query vectors, answers), newest last; a bucket is
+        # everything but the query that the answer depends on (top_k, filter, max_tokens...)
+        self._semantic: dict[tuple[str, str], tuple[str, list[np.ndarray], list[bytes]]] = {}
+        self._semantic_hits = 0
+        self._semantic_misses = 0
 
     def ready(self) -> bool:
         return True
@@ -94,6 +101,8 @@ class CacheShard:
 
     def bump(self, namespace: str) -> str:
         self._versions[namespace] += 1
+        for bucket in [b for b in self._semantic if b[0] == namespace]:
+            del self._semantic[bucket]  # answers of older versions are never served
         return self.version(namespace)
 
     def full_key(self, request: KeyRequest) -> str:
@@ -202,6 +211,37 @@ class CacheShard:
         if self._l2_pending:
             await asyncio.gather(*list(self._l2_pending), return_exceptions=True)
 
+    # ------------------------------------------------------- semantic answers
+    def semantic_lookup(
+        self, namespace: str, bucket: str, vector: np.ndarray, threshold: float
+    ) -> tuple[str, bytes | None]:
+        """(current version, the answer of the most similar cached query if >= threshold)."""
+        version = self.version(namespace)
+        entry = self._semantic.get((namespace, bucket))
+        if entry is not None and entry[0] == version and entry[1]:
+            scores = np.stack(entry[1]) @ np.asarray(vector, dtype=np.float32)
+            best = int(np.argmax(scores))
+            if scores[best] >= threshold:
+                self._semantic_hits += 1
+                return version, entry[2][best]
+        self._semantic_misses += 1
+        return version, None
+
+    def semantic_add(
+        self, namespace: str, bucket: str, version: str, vector: np.ndarray, answer: bytes
+    ) -> bool:
+        """Register an answer computed at `version`; refused if the namespace moved on."""
+        if version != self.version(namespace):
+            return False
+        entry = self._semantic.get((namespace, bucket))
+        if entry is None or entry[0] != version:
+            entry = self._semantic[(namespace, bucket)] = (version, [], [])
+        entry[1].append(np.asarray(vector, dtype=np.float32))
+        entry[2].append(answer)
+        if len(entry[1]) > self.config.semantic_max_per_namespace:
+            del entry[1][0], entry[2][0]
+        return True
+
     # ------------------------------------------------------------------ stats
     def stats(self) -> dict:
         l1 = self.l1.cache
@@ -222,4 +262,5 @@ class CacheShard:
                 "writes_dropped": self._l2_writes_dropped,
             },
             "inflight": len(self._inflight),
+            "semantic": {"hits": self._semantic_hits, "misses": self._semantic_misses},
         }

@@ -15,7 +15,15 @@ from typing import Any, TypeVar
 import numpy as np
 
 from cache.client import CacheClient
-from cache.keys import KeyRequest, Kind, chat_key, embedding_key, namespaced_key, normalise_text
+from cache.keys import (
+    KeyRequest,
+    Kind,
+    chat_key,
+    digest,
+    embedding_key,
+    namespaced_key,
+    normalise_text,
+)
 from deployments.downstreams import Downstreams
 from mneme.config import MnemeConfig
 from mneme.priority import RequestContext
@@ -65,6 +73,31 @@ class ComputeGraph:
 
         [value] = await self.cache.get_or_compute([key], compute, self._tiers(ctx))
         return pickle.loads(value)
+
+    async def semantic(
+        self,
+        namespace: str,
+        query: str,
+        params: Any,
+        produce: Callable[[], Awaitable[T]],
+        ctx: RequestContext,
+    ) -> T:
+        """The optional semantic answer cache: a result cached for a query whose embedding is
+        within `cache.semantic_answer_threshold` (cosine) of this one, in the same namespace,
+        version and `params`. Off (straight to `produce`) unless configured."""
+        threshold = self.config.cache.semantic_answer_threshold
+        if threshold is None or self.cache is None:
+            return await produce()
+        vector = (await self.embed([query], ctx)).vectors[0]
+        bucket = digest(params)
+        version, found = await self.cache.semantic_lookup(namespace, bucket, vector, threshold)
+        if found is not None:
+            ctx.cache_tiers[:] = ["hit-semantic"]
+            return pickle.loads(found)
+        value = await produce()
+        if version is not None:
+            self.cache.semantic_add(namespace, bucket, version, vector, _dumps(value))
+        return value
 
     # ----------------------------------------------------------------- embeddings
     async def embed(self, texts: list[str], ctx: RequestContext) -> Embeddings:

@@ -168,7 +168,13 @@ class MnemeService:
                 self.config.answer_system_prompt,
             ]
             key = namespaced_key(Kind.ANSWER, self.chat_model, req.namespace, payload)
-            text, hits = await self.compute.cached(key, produce, ctx)
+
+            async def produce_or_similar() -> tuple[str, list[SearchHit]]:
+                return await self.compute.semantic(
+                    req.namespace, req.query, payload[1:], produce, ctx
+                )
+
+            text, hits = await self.compute.cached(key, produce_or_similar, ctx)
         else:
             text, hits = await produce()
         return p.AnswerResponse(

@@ -130,6 +130,16 @@ class CacheConfig(StrictModel):
     )
     single_flight_wait_s: float = Field(30.0, gt=0, description="Longest wait for a joined miss.")
     cache_chat: bool = Field(True, description="Cache chat at temperature 0 or with a seed.")
+    semantic_answer_threshold: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="Off when null. Else serve a cached answer whose query's embedding has at "
+        "least this cosine similarity, in the same namespace and version.",
+    )
+    semantic_max_per_namespace: int = Field(
+        1000, ge=1, description="Answers kept for semantic lookup per namespace version."
+    )
 
 
 class MnemeConfig(StrictModel):

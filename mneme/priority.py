@@ -42,8 +42,9 @@ class RequestContext:
     cache_tiers: list[str] = field(default_factory=list)
 
     def cache_header(self) -> str | None:
-        """X-Cache: miss if anything was computed, else the slowest tier that answered."""
-        for tier in ("miss", "hit-l2", "hit-l1"):
+        """X-Cache: miss if anything was computed, else the slowest tier that answered
+        (hit-semantic: an answer cached for a similar question)."""
+        for tier in ("hit-semantic", "miss", "hit-l2", "hit-l1"):
             if tier in self.cache_tiers:
                 return tier
         return None

@@ -45,7 +45,9 @@ def served() -> Iterator[ServedApp]:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         # A small Generator queue, so the overload test can fill it for real.
         options = {"Generator": {"max_ongoing_requests": 4, "max_queued_requests": 4}}
-        config = load_config({"cache": {"redis_url": redis_server.url}})
+        config = load_config(
+            {"cache": {"redis_url": redis_server.url, "semantic_answer_threshold": 0.95}}
+        )
         serve.run(bind_graph(config, options), name=APP_NAME, route_prefix="/")
         yield ServedApp(f"http://127.0.0.1:{port}", redis_server)
     finally:

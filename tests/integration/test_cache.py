@@ -156,3 +156,25 @@ def test_redis_killed_mid_test_then_restarted(served, http):
         time.sleep(0.5)
     assert _l2_embedding_keys(served) > 0
     assert http.get("/v1/stats").json()["cache"]["l2"]["breaker"] == ["closed"]
+
+
+def test_semantic_answer_cache_serves_a_similar_question(http):
+    """The test app turns it on (threshold 0.95); MiniLM is uncased, so case is 'similar'."""
+    space = f"sem-{uuid.uuid4().hex[:8]}"
+    http.post("/v1/memories", json={"namespace": space, "items": [{"text": "Tea is at 5pm"}]})
+    body = {"namespace": space, "max_tokens": 6}
+    first = http.post("/v1/answer", json={**body, "query": "When is tea served?"})
+    similar = http.post("/v1/answer", json={**body, "query": "WHEN IS TEA SERVED?"})
+    other = http.post("/v1/answer", json={**body, "query": "Who painted the ceiling?"})
+    assert first.headers["x-cache"] == "miss"
+    assert similar.headers["x-cache"] == "hit-semantic"
+    assert similar.json() == first.json()
+    assert other.headers["x-cache"] == "miss"
+    different_params = http.post(
+        "/v1/answer", json={**body, "query": "WHEN IS TEA SERVED?", "top_k": 2}
+    )
+    assert different_params.headers["x-cache"] == "miss"
+    http.post("/v1/memories", json={"namespace": space, "items": [{"text": "Tea moved to 6"}]})
+    again = http.post("/v1/answer", json={**body, "query": "when is tea served?"})
+    assert again.headers["x-cache"] == "miss"
+    assert http.get("/v1/stats").json()["cache"]["semantic_answers"]["hits"] >= 1

@@ -6,6 +6,7 @@ import asyncio
 import random
 import time
 
+import numpy as np
 import pytest
 
 from cache.keys import Kind, embedding_key, namespaced_key
@@ -198,3 +199,28 @@ def test_redis_killed_then_restarted(redis_server):
     assert all(lookup.found.get(lookup.keys[0]) == (b"1", "hit-l1") for lookup in outage)
     assert errors_during >= 1
     assert list(after.found.values()) == [(b"2", "hit-l2")]
+
+
+def test_semantic_answers_match_similar_queries_within_one_version():
+    rng = np.random.default_rng(0)
+    q = rng.normal(size=16).astype(np.float32)
+    q /= np.linalg.norm(q)
+    near = q + 0.05 * rng.normal(size=16).astype(np.float32)
+    near /= np.linalg.norm(near)
+    far = rng.normal(size=16).astype(np.float32)
+    far /= np.linalg.norm(far)
+
+    shard = CacheShard(CacheConfig(semantic_answer_threshold=0.9))
+    version, found = shard.semantic_lookup("ns", "b", q, 0.9)
+    assert found is None
+    assert shard.semantic_add("ns", "b", version, q, b"answer")
+    assert float(near @ q) > 0.9 > float(far @ q)
+    assert shard.semantic_lookup("ns", "b", near, 0.9) == (version, b"answer")
+    assert shard.semantic_lookup("ns", "b", far, 0.9)[1] is None
+    assert shard.semantic_lookup("ns", "other-params", q, 0.9)[1] is None
+    assert shard.semantic_lookup("other-ns", "b", q, 0.9)[1] is None
+    shard.bump("ns")
+    assert shard.semantic_lookup("ns", "b", q, 0.9)[1] is None
+    # an answer computed before the bump is refused, not registered under the new version
+    assert not shard.semantic_add("ns", "b", version, q, b"stale")
+    assert shard.semantic_lookup("ns", "b", q, 0.9)[1] is None
