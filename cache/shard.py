@@ -125,6 +125,10 @@ class CacheShard:
                 result.found[key] = (value, "hit-l2")
                 self.l1.set_many_now({key: value}, self._ttl(kinds[key]))
             missing = [k for k in missing if k not in from_l2]
+            # while Redis answered, an owner may have stored some of these: look again
+            for key, value in self.l1.get_many_now(missing).items():
+                result.found[key] = (value, "hit-l1")
+            missing = [k for k in missing if k not in result.found]
         for key in unique:
             if key in result.found:
                 stats = self._kinds[kinds[key]]

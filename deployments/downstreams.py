@@ -8,7 +8,8 @@ priority scheduler and the compute cache wrap this class.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import numpy as np
@@ -33,7 +34,13 @@ from mneme.records import (
     SearchQuery,
     StoredMemory,
 )
+from mneme.scheduler import PriorityScheduler
 
+DEPLOYMENT_NAMES = {
+    "embedder": "Embedder",
+    "vector_search": "VectorSearch",
+    "generator": "Generator",
+}
 _UNAVAILABLE = (ActorDiedError, ActorUnavailableError, RayActorError, DeploymentUnavailableError)
 
 
@@ -48,87 +55,108 @@ def _translate(exc: BaseException, name: str) -> Exception | None:
 
 
 class Downstreams:
-    """Typed calls to Embedder, VectorSearch and Generator, with deadlines and error mapping."""
+    """Typed calls to Embedder, VectorSearch and Generator, with deadlines and error mapping.
+
+    With `schedulers` (one per downstream key), a call starts only once the priority
+    scheduler gives it a slot of that downstream's budget.
+    """
 
     def __init__(
         self,
         embedder: DeploymentHandle,
         vector_search: DeploymentHandle,
         generator: DeploymentHandle,
+        schedulers: dict[str, PriorityScheduler] | None = None,
     ):
         self.embedder = embedder
         self.vector_search = vector_search
         self.generator = generator
+        self.schedulers = schedulers or {}
 
-    async def _call(self, name: str, response: DeploymentResponse, ctx: RequestContext) -> Any:
-        remaining = ctx.remaining_s()
-        try:
-            if remaining is None:
-                return await response
-            if remaining <= 0:
-                raise TimeoutError
-            return await asyncio.wait_for(_awaited(response), remaining)
-        except TimeoutError:
-            response.cancel()
-            raise DeadlineExceeded(f"deadline passed while waiting for {name}") from None
-        except Exception as exc:
-            mapped = _translate(exc, name)
-            if mapped is None:
-                raise
-            raise mapped from exc
+    def _slot(self, key: str, ctx: RequestContext):
+        scheduler = self.schedulers.get(key)
+        return scheduler.slot(ctx) if scheduler is not None else contextlib.nullcontext()
+
+    async def _call(
+        self, key: str, start: Callable[[], DeploymentResponse], ctx: RequestContext
+    ) -> Any:
+        name = DEPLOYMENT_NAMES[key]
+        async with self._slot(key, ctx):
+            response = start()
+            remaining = ctx.remaining_s()
+            try:
+                if remaining is None:
+                    return await response
+                if remaining <= 0:
+                    raise TimeoutError
+                return await asyncio.wait_for(_awaited(response), remaining)
+            except TimeoutError:
+                response.cancel()
+                raise DeadlineExceeded(f"deadline passed while waiting for {name}") from None
+            except Exception as exc:
+                mapped = _translate(exc, name)
+                if mapped is None:
+                    raise
+                raise mapped from exc
 
     # ------------------------------------------------------------------ Embedder
     async def embed(self, texts: list[str], ctx: RequestContext) -> Embeddings:
-        return await self._call("Embedder", self.embedder.embed.remote(texts), ctx)
-
-    async def embedder_info(self) -> dict:
-        return await self._call("Embedder", self.embedder.info.remote(), RequestContext())
+        return await self._call("embedder", lambda: self.embedder.embed.remote(texts), ctx)
 
     # -------------------------------------------------------------- VectorSearch
     async def upsert(
         self, namespace: str, items: list[NewMemory], vectors: np.ndarray, ctx: RequestContext
     ) -> list[str]:
-        call = self.vector_search.upsert.remote(namespace, items, vectors)
-        return await self._call("VectorSearch", call, ctx)
+        return await self._call(
+            "vector_search",
+            lambda: self.vector_search.upsert.remote(namespace, items, vectors),
+            ctx,
+        )
 
     async def search(self, query: SearchQuery, ctx: RequestContext) -> list[SearchHit]:
-        return await self._call("VectorSearch", self.vector_search.search.remote(query), ctx)
+        return await self._call(
+            "vector_search", lambda: self.vector_search.search.remote(query), ctx
+        )
 
     async def get(self, namespace: str, memory_id: str, ctx: RequestContext) -> StoredMemory | None:
         return await self._call(
-            "VectorSearch", self.vector_search.get.remote(namespace, memory_id), ctx
+            "vector_search", lambda: self.vector_search.get.remote(namespace, memory_id), ctx
         )
 
     async def delete(self, namespace: str, memory_id: str, ctx: RequestContext) -> bool:
         return await self._call(
-            "VectorSearch", self.vector_search.delete.remote(namespace, memory_id), ctx
+            "vector_search", lambda: self.vector_search.delete.remote(namespace, memory_id), ctx
         )
 
     async def page(
         self, namespace: str, limit: int, cursor: int | None, ctx: RequestContext
     ) -> MemoryPage:
-        call = self.vector_search.page.remote(namespace, limit, cursor)
-        return await self._call("VectorSearch", call, ctx)
+        return await self._call(
+            "vector_search",
+            lambda: self.vector_search.page.remote(namespace, limit, cursor),
+            ctx,
+        )
 
     # ----------------------------------------------------------------- Generator
     async def generate(self, request: GenerationRequest, ctx: RequestContext) -> Generation:
-        return await self._call("Generator", self.generator.generate.remote(request), ctx)
+        return await self._call("generator", lambda: self.generator.generate.remote(request), ctx)
 
     async def generate_stream(
         self, request: GenerationRequest, ctx: RequestContext
     ) -> AsyncIterator[GenerationDelta]:
-        stream = self.generator.options(stream=True).generate_stream.remote(request)
-        try:
-            async for delta in stream:
-                if (remaining := ctx.remaining_s()) is not None and remaining <= 0:
-                    stream.cancel()
-                    raise DeadlineExceeded("deadline passed while streaming from Generator")
-                yield delta
-        except Exception as exc:
-            mapped = _translate(exc, "Generator")
-            if mapped is None:
-                raise
-            raise mapped from exc
+        async with self._slot("generator", ctx):  # the slot is held for the whole stream
+            stream = self.generator.options(stream=True).generate_stream.remote(request)
+            try:
+                async for delta in stream:
+                    if (remaining := ctx.remaining_s()) is not None and remaining <= 0:
+                        stream.cancel()
+                        raise DeadlineExceeded("deadline passed while streaming from Generator")
+                    yield delta
+            except Exception as exc:
+                mapped = _translate(exc, "Generator")
+                if mapped is None:
+                    raise
+                raise mapped from exc
 
     def _handles(self) -> dict[str, DeploymentHandle]:
         return {

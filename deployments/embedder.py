@@ -12,6 +12,7 @@ import os
 import numpy as np
 from ray import serve
 
+from deployments.replica import max_ongoing_requests
 from mneme.config import BatchConfig, EmbedderConfig, parse_batch_config
 from mneme.records import BatchStats, Embeddings
 
@@ -48,9 +49,6 @@ class Embedder:
         self._embed_batch.set_max_batch_size(batch.max_batch_size)
         self._embed_batch.set_batch_wait_timeout_s(batch.batch_wait_timeout_s)
 
-    def info(self) -> dict:
-        return {"model": self._config.model_name, "dim": self.dim}
-
     async def embed(self, texts: list[str]) -> Embeddings:
         """Vectors (len(texts), dim) float32 with L2-normalised rows, and token counts."""
         return await self._embed_batch(texts)
@@ -81,4 +79,8 @@ class Embedder:
         return np.ascontiguousarray(vectors, dtype=np.float32), [len(ids) for ids in encoded]
 
     def stats(self) -> dict:
-        return {**self._stats.summary(), **self._batch.model_dump()}
+        return {
+            **self._stats.summary(),
+            **self._batch.model_dump(),
+            "max_ongoing_requests": max_ongoing_requests(),
+        }

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 
 from ray import serve
 
+from deployments.replica import max_ongoing_requests
 from mneme.config import GeneratorConfig
 from mneme.records import Generation, GenerationDelta, GenerationRequest
 
@@ -122,6 +123,7 @@ class Generator:
             "requests": self._requests,
             "in_flight": self._in_flight,
             "completion_tokens": self._completion_tokens,
+            "max_ongoing_requests": max_ongoing_requests(),
         }
 
     def __del__(self):

@@ -26,6 +26,25 @@ def to_prometheus(stats: dict[str, Any]) -> str:
         for key, value in (stats.get(deployment) or {}).items():
             if isinstance(value, int | float) and not isinstance(value, bool):
                 lines.append(_sample(f"mneme_{key}", {"deployment": deployment}, value))
+    for downstream, sched in (stats.get("scheduler") or {}).items():
+        labels = {"downstream": downstream}
+        lines.append(_sample("mneme_scheduler_capacity", labels, sched["capacity"]))
+        lines.append(_sample("mneme_scheduler_in_flight", labels, sched["in_flight"]))
+        for cls, figures in sched["classes"].items():
+            for name in ("queued", "dispatched", "rejected", "expired", "cancelled", "boosted"):
+                lines.append(
+                    _sample(f"mneme_scheduler_{name}", {**labels, "class": cls}, figures[name])
+                )
+            wait = figures["queue_wait"]
+            for key, q in (("p50_ms", "0.5"), ("p95_ms", "0.95"), ("p99_ms", "0.99")):
+                if key in wait:
+                    lines.append(
+                        _sample(
+                            "mneme_scheduler_queue_wait_ms",
+                            {**labels, "class": cls, "quantile": q},
+                            wait[key],
+                        )
+                    )
     cache = stats.get("cache") or {}
     for kind, figures in cache.get("kinds", {}).items():
         lines.append(_sample("mneme_cache_hit_rate", {"kind": kind}, figures["hit_rate"]))

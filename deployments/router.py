@@ -11,6 +11,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from cache.client import CacheClient
+from deployments.budgets import BudgetRefresher, make_schedulers
 from deployments.compute import ComputeGraph
 from deployments.downstreams import Downstreams
 from deployments.http_errors import BodySizeLimit, install_error_handlers
@@ -38,7 +39,7 @@ NamespaceQuery = Annotated[str, Query(pattern=NAMESPACE_PATTERN)]
 class Router:
     """The HTTP API of DESIGN.md; everything computed goes through one `ComputeGraph`."""
 
-    def __init__(
+    async def __init__(
         self,
         config: MnemeConfig,
         embedder: DeploymentHandle,
@@ -47,13 +48,20 @@ class Router:
     ):
         self.config = config
         BodySizeLimit.max_bytes = config.limits.max_request_body_bytes
-        self.downstreams = Downstreams(embedder, vector_search, generator)
+        app_name = serve.get_replica_context().app_name
+        self.schedulers = make_schedulers(config.scheduler) if config.scheduler.enabled else {}
+        self.downstreams = Downstreams(embedder, vector_search, generator, self.schedulers)
+        self.budgets = BudgetRefresher(
+            config.scheduler, self.schedulers, self.downstreams, app_name
+        )
         self.cache = None
         if config.cache.enabled:
-            self.cache = CacheClient(config.cache, serve.get_replica_context().app_name)
+            self.cache = CacheClient(config.cache, app_name)
         self.compute = ComputeGraph(config, self.downstreams, self.cache)
         self.service = MnemeService(config, self.compute)
         self.latency = LatencyBook()
+        if self.schedulers:
+            self.budgets.start()
 
     def _context(
         self, header: str | None, field: str | None, deadline_ms: str | None
@@ -204,6 +212,7 @@ class Router:
     async def stats(self) -> dict:
         out = {"router": {"latency": self.latency.summary()}, **(await self.downstreams.stats())}
         out["cache"] = await self.cache.stats() if self.cache is not None else None
+        out["scheduler"] = {key: s.stats() for key, s in self.schedulers.items()}
         return out
 
     @app.get("/metrics")

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 from ray import serve
 
+from deployments.replica import max_ongoing_requests
 from mneme.config import BatchConfig, VectorSearchConfig, parse_batch_config
 from mneme.index import MemoryStore
 from mneme.records import BatchStats, MemoryPage, NewMemory, SearchHit, SearchQuery, StoredMemory
@@ -69,7 +70,12 @@ class VectorSearch:
         return results
 
     def stats(self) -> dict:
-        return {**self._stats.summary(), **self._batch.model_dump(), **self._store.stats()}
+        return {
+            **self._stats.summary(),
+            **self._batch.model_dump(),
+            **self._store.stats(),
+            "max_ongoing_requests": max_ongoing_requests(),
+        }
 
 
 def _filter_key(flt: dict[str, Any] | None) -> str:

@@ -142,6 +142,26 @@ class CacheConfig(StrictModel):
     )
 
 
+class SchedulerConfig(StrictModel):
+    """The Router's priority scheduler in front of each downstream."""
+
+    enabled: bool = Field(True, description="False: calls go straight to Serve's queues.")
+    policy: Literal["priority", "fifo"] = Field(
+        "priority", description="fifo ignores classes (the naive baseline)."
+    )
+    starvation_threshold_ms: float = Field(5000.0, gt=0, description="Wait before a boost.")
+    boost_interval_ms: float = Field(1000.0, gt=0, description="Wait between later boosts.")
+    max_queued_per_class: int = Field(256, ge=1, description="Past this: 503 + Retry-After.")
+    capacity_refresh_s: float = Field(
+        5.0, gt=0, description="How often budgets follow replica counts (autoscaling)."
+    )
+    capacity: dict[Literal["embedder", "vector_search", "generator"], int] = Field(
+        default_factory=dict,
+        description="Fixed in-flight budget per downstream, instead of replicas x "
+        "max_ongoing_requests / Router replicas.",
+    )
+
+
 class MnemeConfig(StrictModel):
     """The `args` of the Serve application (see configs/local.yaml)."""
 
@@ -150,6 +170,7 @@ class MnemeConfig(StrictModel):
     generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     answer_system_prompt: str = Field(
         "Answer the question using the memories below.",
         description="System prompt of /v1/answer and of chat's `memory` extension.",

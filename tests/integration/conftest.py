@@ -43,10 +43,13 @@ def served() -> Iterator[ServedApp]:
     ray.init(num_cpus=2, include_dashboard=False, namespace="mneme-tests", log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        # A small Generator queue, so the overload test can fill it for real.
-        options = {"Generator": {"max_ongoing_requests": 4, "max_queued_requests": 4}}
+        # A small Generator budget (5 - 1 control slot = 4), so tests can fill it for real.
+        options = {"Generator": {"max_ongoing_requests": 5}}
         config = load_config(
-            {"cache": {"redis_url": redis_server.url, "semantic_answer_threshold": 0.95}}
+            {
+                "cache": {"redis_url": redis_server.url, "semantic_answer_threshold": 0.95},
+                "scheduler": {"max_queued_per_class": 16},
+            }
         )
         serve.run(bind_graph(config, options), name=APP_NAME, route_prefix="/")
         yield ServedApp(f"http://127.0.0.1:{port}", redis_server)

@@ -224,3 +224,26 @@ def test_semantic_answers_match_similar_queries_within_one_version():
     # an answer computed before the bump is refused, not registered under the new version
     assert not shard.semantic_add("ns", "b", version, q, b"stale")
     assert shard.semantic_lookup("ns", "b", q, 0.9)[1] is None
+
+
+@pytest.mark.redis
+def test_a_store_landing_during_the_l2_read_is_not_recomputed(redis_server):
+    """B misses L1 and waits on Redis; meanwhile A stores: B must see A's value, not own it."""
+
+    async def go():
+        shard = CacheShard(CacheConfig(redis_url=redis_server.url, l2_timeout_s=0.5))
+        key = embedding_key("m", "raced")
+        owner = await shard.lookup([key])
+        real_get = shard.l2.get_many
+
+        async def slow_get(keys):
+            await shard.store([(owner.owned[0], Kind.EMBEDDING, b"v")])  # lands mid-read
+            return await real_get(keys)
+
+        shard.l2.get_many = slow_get
+        late = await shard.lookup([key])
+        await shard.flush()
+        return late
+
+    late = run(go())
+    assert late.owned == [] and list(late.found.values()) == [(b"v", "hit-l1")]

@@ -1,0 +1,231 @@
+"""Priority scheduling in front of one downstream: classes, aging, deadlines, admission.
+
+Ray Serve has no request priority; the Router holds requests here and releases them to a
+downstream only while it has capacity (a concurrency budget). Order: strict by class, earliest
+deadline first inside a class, FIFO otherwise. A request waiting longer than the starvation
+threshold moves up one class, and again every boost interval, so background work is never
+starved forever. Queues are bounded per class. Pure asyncio with an injectable clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from mneme.errors import DeadlineExceeded, Overloaded
+from mneme.priority import Priority, RequestContext
+from mneme.stats import LatencyWindow
+
+
+@dataclass
+class Waiter:
+    ctx: RequestContext
+    seq: int
+    enqueued_at: float
+    future: asyncio.Future = field(repr=False)
+
+    def effective_class(self, now: float, threshold_s: float, boost_s: float) -> int:
+        waited = now - self.enqueued_at
+        if waited < threshold_s:
+            return int(self.ctx.priority)
+        boosts = 1 + int((waited - threshold_s) // boost_s)
+        return max(0, int(self.ctx.priority) - boosts)
+
+    def order(self, now: float, threshold_s: float, boost_s: float) -> tuple:
+        deadline = self.ctx.deadline if self.ctx.deadline is not None else math.inf
+        return (self.effective_class(now, threshold_s, boost_s), deadline, self.seq)
+
+
+@dataclass
+class ClassStats:
+    queued: int = 0
+    dispatched: int = 0
+    rejected: int = 0
+    expired: int = 0
+    cancelled: int = 0
+    boosted: int = 0
+    queue_wait: LatencyWindow = field(default_factory=LatencyWindow)
+
+    def as_dict(self) -> dict:
+        return {
+            "queued": self.queued,
+            "dispatched": self.dispatched,
+            "rejected": self.rejected,
+            "expired": self.expired,
+            "cancelled": self.cancelled,
+            "boosted": self.boosted,
+            "queue_wait": self.queue_wait.summary(),
+        }
+
+
+class PriorityScheduler:
+    """`async with scheduler.slot(ctx):` runs the body once the downstream has room."""
+
+    def __init__(
+        self,
+        name: str,
+        capacity: int,
+        *,
+        max_queued_per_class: int = 256,
+        starvation_threshold_s: float = 5.0,
+        boost_interval_s: float = 1.0,
+        fifo: bool = False,
+        timer: Callable[[], float] = time.monotonic,
+    ):
+        self.name = name
+        self.capacity = max(1, capacity)
+        self.max_queued_per_class = max_queued_per_class
+        self.starvation_threshold_s = starvation_threshold_s
+        self.boost_interval_s = boost_interval_s
+        self.fifo = fifo
+        self.timer = timer
+        self.in_flight = 0
+        self._waiting: list[Waiter] = []
+        self._seq = itertools.count()
+        self._stats: dict[Priority, ClassStats] = defaultdict(ClassStats)
+        self._service_s = 0.0  # EWMA of time a dispatched request holds its slot
+        self.max_waiting_seen = 0
+
+    # -------------------------------------------------------------- capacity
+    def set_capacity(self, capacity: int) -> None:
+        self.capacity = max(1, capacity)
+        self._dispatch()
+
+    def queued(self, priority: Priority | None = None) -> int:
+        if priority is None:
+            return len(self._waiting)
+        return sum(1 for w in self._waiting if w.ctx.priority == priority)
+
+    # ------------------------------------------------------------- admission
+    def _admit(self, ctx: RequestContext) -> None:
+        stats = self._stats[ctx.priority]
+        now = self.timer()
+        if ctx.deadline is not None and ctx.deadline <= now:
+            stats.expired += 1
+            raise DeadlineExceeded(f"deadline passed before {self.name} could start it")
+        if self.queued(ctx.priority) >= self.max_queued_per_class:
+            stats.rejected += 1
+            raise Overloaded(
+                f"{self.name} queue for {ctx.priority.name.lower()} is full",
+                retry_after_s=self._retry_after_s(),
+            )
+        if ctx.deadline is not None and self._service_s > 0:
+            ahead = sum(1 for w in self._waiting if w.ctx.priority <= ctx.priority)
+            expected = (ahead / self.capacity + 1) * self._service_s
+            if now + expected > ctx.deadline and self.in_flight >= self.capacity:
+                stats.rejected += 1
+                raise Overloaded(
+                    f"{self.name} cannot start this before its deadline "
+                    f"({ahead} queued ahead, ~{expected * 1000:.0f} ms)",
+                    retry_after_s=self._retry_after_s(),
+                )
+
+    def _retry_after_s(self) -> float:
+        backlog = len(self._waiting) / self.capacity * max(self._service_s, 0.05)
+        return max(1.0, backlog)
+
+    # ----------------------------------------------------------- the queue
+    @asynccontextmanager
+    async def slot(self, ctx: RequestContext) -> AsyncIterator[None]:
+        await self.acquire(ctx)
+        started = self.timer()
+        try:
+            yield
+        finally:
+            held = self.timer() - started
+            self._service_s = held if self._service_s == 0 else 0.9 * self._service_s + 0.1 * held
+            self.release()
+
+    async def acquire(self, ctx: RequestContext) -> None:
+        self._admit(ctx)
+        stats = self._stats[ctx.priority]
+        now = self.timer()
+        if self.in_flight < self.capacity and not self._waiting:
+            self.in_flight += 1
+            stats.dispatched += 1
+            stats.queue_wait.observe(0.0)
+            return
+        waiter = Waiter(ctx, next(self._seq), now, asyncio.get_running_loop().create_future())
+        self._waiting.append(waiter)
+        self.max_waiting_seen = max(self.max_waiting_seen, len(self._waiting))
+        stats.queued += 1
+        try:
+            remaining = None if ctx.deadline is None else max(0.0, ctx.deadline - now)
+            await asyncio.wait_for(asyncio.shield(waiter.future), remaining)
+        except TimeoutError:
+            if (
+                waiter.future.done()
+                and not waiter.future.cancelled()
+                and (waiter.future.exception() is None)
+            ):
+                return  # dispatched in the same instant the deadline passed: it holds a slot
+            self._forget(waiter)
+            stats.expired += 1
+            raise DeadlineExceeded(f"deadline passed while queued for {self.name}") from None
+        except asyncio.CancelledError:  # the client went away: its work is never started
+            if waiter.future.done() and not waiter.future.cancelled():
+                self.release()  # it had just been dispatched: hand the slot on
+            else:
+                self._forget(waiter)
+            stats.cancelled += 1
+            raise
+        finally:
+            stats.queued -= 1
+
+    def _forget(self, waiter: Waiter) -> None:
+        if waiter in self._waiting:
+            self._waiting.remove(waiter)
+        if not waiter.future.done():
+            waiter.future.cancel()
+
+    def release(self) -> None:
+        self.in_flight -= 1
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        now = self.timer()
+        while self.in_flight < self.capacity and self._waiting:
+            waiter = self._pick(now)
+            self._waiting.remove(waiter)
+            stats = self._stats[waiter.ctx.priority]
+            if waiter.ctx.deadline is not None and waiter.ctx.deadline <= now:
+                waiter.future.set_exception(
+                    DeadlineExceeded(f"deadline passed while queued for {self.name}")
+                )
+                stats.expired += 1
+                continue
+            if (
+                waiter.effective_class(now, self.starvation_threshold_s, self.boost_interval_s)
+                < waiter.ctx.priority
+            ):
+                stats.boosted += 1
+            self.in_flight += 1
+            stats.dispatched += 1
+            stats.queue_wait.observe(now - waiter.enqueued_at)
+            waiter.future.set_result(None)
+
+    def _pick(self, now: float) -> Waiter:
+        if self.fifo:
+            return min(self._waiting, key=lambda w: w.seq)
+        return min(
+            self._waiting,
+            key=lambda w: w.order(now, self.starvation_threshold_s, self.boost_interval_s),
+        )
+
+    # ---------------------------------------------------------------- stats
+    def stats(self) -> dict:
+        return {
+            "capacity": self.capacity,
+            "in_flight": self.in_flight,
+            "waiting": len(self._waiting),
+            "max_waiting_seen": self.max_waiting_seen,
+            "mean_service_ms": self._service_s * 1000.0,
+            "policy": "fifo" if self.fifo else "priority",
+            "classes": {p.name.lower(): s.as_dict() for p, s in sorted(self._stats.items())},
+        }

@@ -1,0 +1,187 @@
+"""The priority scheduler with a controllable clock: order, EDF, aging, expiry, bounds."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from mneme.errors import DeadlineExceeded, Overloaded
+from mneme.priority import Priority, RequestContext
+from mneme.scheduler import PriorityScheduler
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def ctx(priority: Priority, deadline: float | None = None) -> RequestContext:
+    return RequestContext(priority=priority, deadline=deadline)
+
+
+async def settle() -> None:
+    for _ in range(10):  # let woken waiters run through wait_for/shield
+        await asyncio.sleep(0)
+
+
+async def drain(scheduler: PriorityScheduler, tasks: dict[str, asyncio.Task]) -> list[str]:
+    """Release the held slot repeatedly and record who is dispatched, in order."""
+    order: list[str] = []
+    await settle()
+    for _ in range(len(tasks)):
+        scheduler.release()
+        await settle()
+        done = [name for name, t in tasks.items() if t.done() and name not in order]
+        order += done
+    return order
+
+
+def enqueue(scheduler, name_to_ctx: dict[str, RequestContext]) -> dict[str, asyncio.Task]:
+    return {name: asyncio.ensure_future(scheduler.acquire(c)) for name, c in name_to_ctx.items()}
+
+
+def test_strict_order_by_class():
+    async def go():
+        scheduler = PriorityScheduler("gen", 1, timer=Clock())
+        await scheduler.acquire(ctx(Priority.NORMAL))  # the one running request
+        tasks = enqueue(scheduler, {p.name: ctx(p) for p in reversed(Priority)})
+        return await drain(scheduler, tasks)
+
+    assert asyncio.run(go()) == ["CRITICAL", "HIGH", "NORMAL", "LOW", "BACKGROUND"]
+
+
+def test_fifo_policy_ignores_classes():
+    async def go():
+        scheduler = PriorityScheduler("gen", 1, fifo=True, timer=Clock())
+        await scheduler.acquire(ctx(Priority.NORMAL))
+        tasks = enqueue(scheduler, {p.name: ctx(p) for p in reversed(Priority)})
+        return await drain(scheduler, tasks)
+
+    assert asyncio.run(go()) == ["BACKGROUND", "LOW", "NORMAL", "HIGH", "CRITICAL"]
+
+
+def test_earliest_deadline_first_inside_a_class_fifo_otherwise():
+    async def go():
+        clock = Clock()
+        scheduler = PriorityScheduler("gen", 1, timer=clock)
+        await scheduler.acquire(ctx(Priority.HIGH))
+        far = clock.now + 1000
+        tasks = enqueue(
+            scheduler,
+            {
+                "none-1": ctx(Priority.HIGH),
+                "d30": ctx(Priority.HIGH, far + 30),
+                "d10": ctx(Priority.HIGH, far + 10),
+                "none-2": ctx(Priority.HIGH),
+                "d20": ctx(Priority.HIGH, far + 20),
+            },
+        )
+        return await drain(scheduler, tasks)
+
+    assert asyncio.run(go()) == ["d10", "d20", "d30", "none-1", "none-2"]
+
+
+def test_aging_moves_a_starving_request_up():
+    async def go(waited_s: float):
+        clock = Clock()
+        scheduler = PriorityScheduler(
+            "gen", 1, starvation_threshold_s=5.0, boost_interval_s=1.0, timer=clock
+        )
+        await scheduler.acquire(ctx(Priority.NORMAL))
+        tasks = enqueue(scheduler, {"background": ctx(Priority.BACKGROUND)})
+        await settle()
+        clock.now += waited_s
+        tasks |= enqueue(scheduler, {"normal": ctx(Priority.NORMAL)})
+        order = await drain(scheduler, tasks)
+        return order, scheduler.stats()["classes"]["background"]["boosted"]
+
+    # 4 s: not yet starving, normal goes first
+    assert asyncio.run(go(4.0)) == (["normal", "background"], 0)
+    # 7 s: boosted at 5 s (low), 6 s (normal), 7 s (high): it beats a fresh normal
+    assert asyncio.run(go(7.0)) == (["background", "normal"], 1)
+
+
+def test_expired_deadline_is_refused_and_never_dispatched():
+    async def go():
+        clock = Clock()
+        scheduler = PriorityScheduler("gen", 1, timer=clock)
+        with pytest.raises(DeadlineExceeded):
+            await scheduler.acquire(ctx(Priority.CRITICAL, clock.now - 1))
+        await scheduler.acquire(ctx(Priority.NORMAL))
+        waiting = asyncio.ensure_future(scheduler.acquire(ctx(Priority.NORMAL, clock.now + 60)))
+        await settle()
+        clock.now += 61  # its deadline passes while it waits for the slot
+        scheduler.release()
+        with pytest.raises(DeadlineExceeded):
+            await waiting
+        return scheduler.stats()
+
+    stats = asyncio.run(go())
+    assert stats["classes"]["normal"]["expired"] == 1 and stats["in_flight"] == 0
+    assert stats["classes"]["critical"]["expired"] == 1
+
+
+def test_a_real_timeout_expires_a_waiter():
+    async def go():
+        import time
+
+        scheduler = PriorityScheduler("gen", 1)
+        await scheduler.acquire(ctx(Priority.NORMAL))
+        with pytest.raises(DeadlineExceeded):
+            await scheduler.acquire(ctx(Priority.NORMAL, time.monotonic() + 0.05))
+        return scheduler.queued()
+
+    assert asyncio.run(go()) == 0
+
+
+def test_queues_are_bounded_per_class():
+    async def go():
+        scheduler = PriorityScheduler("gen", 1, max_queued_per_class=2, timer=Clock())
+        await scheduler.acquire(ctx(Priority.NORMAL))
+        enqueue(scheduler, {"a": ctx(Priority.LOW), "b": ctx(Priority.LOW)})
+        await settle()
+        with pytest.raises(Overloaded) as err:
+            await scheduler.acquire(ctx(Priority.LOW))
+        other_class = asyncio.ensure_future(scheduler.acquire(ctx(Priority.HIGH)))
+        await settle()
+        return err.value, scheduler.queued(), other_class.done()
+
+    error, queued, _ = asyncio.run(go())
+    assert error.status_code == 503 and error.retry_after_s >= 1
+    assert queued == 3  # the high request queued despite the full low queue
+
+
+def test_cancelled_waiters_leave_the_queue_and_leak_no_slot():
+    async def go():
+        scheduler = PriorityScheduler("gen", 1, timer=Clock())
+        await scheduler.acquire(ctx(Priority.NORMAL))
+        doomed = asyncio.ensure_future(scheduler.acquire(ctx(Priority.CRITICAL)))
+        survivor = asyncio.ensure_future(scheduler.acquire(ctx(Priority.LOW)))
+        await settle()
+        doomed.cancel()
+        await settle()
+        queued_after_cancel = scheduler.queued()
+        scheduler.release()
+        await survivor
+        return queued_after_cancel, scheduler.in_flight, scheduler.stats()
+
+    queued, in_flight, stats = asyncio.run(go())
+    assert queued == 1 and in_flight == 1
+    assert stats["classes"]["critical"]["cancelled"] == 1
+
+
+def test_more_capacity_dispatches_waiters():
+    async def go():
+        scheduler = PriorityScheduler("gen", 1, timer=Clock())
+        await scheduler.acquire(ctx(Priority.NORMAL))
+        tasks = enqueue(scheduler, {str(i): ctx(Priority.NORMAL) for i in range(3)})
+        await settle()
+        scheduler.set_capacity(4)
+        await settle()
+        return all(t.done() for t in tasks.values()), scheduler.in_flight
+
+    assert asyncio.run(go()) == (True, 4)
