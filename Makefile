@@ -41,6 +41,7 @@ test-fast: install
 bench: install
 	$(BIN)/python -m benchmarks.cache_policy
 	$(BIN)/python -m benchmarks.cache_http
+	$(BIN)/python -m benchmarks.priority
 
 lint:
 	$(BIN)/ruff check .

@@ -40,6 +40,9 @@ def make_schedulers(config: SchedulerConfig) -> dict[str, PriorityScheduler]:
             max_queued_per_class=config.max_queued_per_class,
             starvation_threshold_s=config.starvation_threshold_ms / 1000.0,
             boost_interval_s=config.boost_interval_ms / 1000.0,
+            max_queue_wait_s=None
+            if config.max_queue_wait_ms is None
+            else config.max_queue_wait_ms / 1000.0,
             fifo=config.policy == "fifo",
         )
         for key in DEPLOYMENT_NAMES

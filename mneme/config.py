@@ -152,6 +152,12 @@ class SchedulerConfig(StrictModel):
     starvation_threshold_ms: float = Field(5000.0, gt=0, description="Wait before a boost.")
     boost_interval_ms: float = Field(1000.0, gt=0, description="Wait between later boosts.")
     max_queued_per_class: int = Field(256, ge=1, description="Past this: 503 + Retry-After.")
+    max_queue_wait_ms: float | None = Field(
+        None,
+        gt=0,
+        description="Refuse (503) a request expected to wait longer than this; "
+        "null = starvation_threshold_ms + 2 x boost_interval_ms.",
+    )
     capacity_refresh_s: float = Field(
         5.0, gt=0, description="How often budgets follow replica counts (autoscaling)."
     )

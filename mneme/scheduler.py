@@ -13,7 +13,7 @@ import asyncio
 import itertools
 import math
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -75,6 +75,7 @@ class PriorityScheduler:
         max_queued_per_class: int = 256,
         starvation_threshold_s: float = 5.0,
         boost_interval_s: float = 1.0,
+        max_queue_wait_s: float | None = None,
         fifo: bool = False,
         timer: Callable[[], float] = time.monotonic,
     ):
@@ -83,6 +84,14 @@ class PriorityScheduler:
         self.max_queued_per_class = max_queued_per_class
         self.starvation_threshold_s = starvation_threshold_s
         self.boost_interval_s = boost_interval_s
+        # Admission by expected wait, not only by count: a request that would wait longer than
+        # this is refused now (503 + Retry-After). Default: starvation threshold + 2 boosts,
+        # the longest a background request should ever wait.
+        self.max_queue_wait_s = (
+            max_queue_wait_s
+            if max_queue_wait_s is not None
+            else starvation_threshold_s + 2 * boost_interval_s
+        )
         self.fifo = fifo
         self.timer = timer
         self.in_flight = 0
@@ -91,6 +100,7 @@ class PriorityScheduler:
         self._stats: dict[Priority, ClassStats] = defaultdict(ClassStats)
         self._service_s = 0.0  # EWMA of time a dispatched request holds its slot
         self.max_waiting_seen = 0
+        self._recent_classes: deque[tuple[float, int]] = deque(maxlen=200)  # (when, class)
 
     # -------------------------------------------------------------- capacity
     def set_capacity(self, capacity: int) -> None:
@@ -115,16 +125,32 @@ class PriorityScheduler:
                 f"{self.name} queue for {ctx.priority.name.lower()} is full",
                 retry_after_s=self._retry_after_s(),
             )
-        if ctx.deadline is not None and self._service_s > 0:
-            ahead = sum(1 for w in self._waiting if w.ctx.priority <= ctx.priority)
-            expected = (ahead / self.capacity + 1) * self._service_s
-            if now + expected > ctx.deadline and self.in_flight >= self.capacity:
+        if self._service_s > 0 and self.in_flight >= self.capacity:
+            expected, ahead = self._expected_wait_s(ctx.priority)
+            if expected > self.max_queue_wait_s:
+                stats.rejected += 1
+                raise Overloaded(
+                    f"{self.name} is saturated: ~{expected:.1f} s of "
+                    f"{ctx.priority.name.lower()} work queued ahead",
+                    retry_after_s=self._retry_after_s(),
+                )
+            if ctx.deadline is not None and now + expected > ctx.deadline:
                 stats.rejected += 1
                 raise Overloaded(
                     f"{self.name} cannot start this before its deadline "
                     f"({ahead} queued ahead, ~{expected * 1000:.0f} ms)",
                     retry_after_s=self._retry_after_s(),
                 )
+
+    def _expected_wait_s(self, priority: Priority) -> tuple[float, int]:
+        """Queued work at or above `priority`, drained at the share of the budget that higher
+        classes (by recent dispatches) leave to it."""
+        ahead = sum(1 for w in self._waiting if w.ctx.priority <= priority)
+        horizon = self.timer() - self.starvation_threshold_s  # only the current traffic mix
+        recent = [c for t, c in self._recent_classes if t >= horizon]
+        higher = sum(1 for c in recent if c < priority) / len(recent) if recent else 0.0
+        left = max(0.1, 1.0 - higher)
+        return (ahead / self.capacity + 1) * self._service_s / left, ahead
 
     def _retry_after_s(self) -> float:
         backlog = len(self._waiting) / self.capacity * max(self._service_s, 0.05)
@@ -149,6 +175,7 @@ class PriorityScheduler:
         if self.in_flight < self.capacity and not self._waiting:
             self.in_flight += 1
             stats.dispatched += 1
+            self._recent_classes.append((now, int(ctx.priority)))
             stats.queue_wait.observe(0.0)
             return
         waiter = Waiter(ctx, next(self._seq), now, asyncio.get_running_loop().create_future())
@@ -207,6 +234,7 @@ class PriorityScheduler:
                 stats.boosted += 1
             self.in_flight += 1
             stats.dispatched += 1
+            self._recent_classes.append((now, int(waiter.ctx.priority)))
             stats.queue_wait.observe(now - waiter.enqueued_at)
             waiter.future.set_result(None)
 

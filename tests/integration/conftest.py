@@ -48,7 +48,8 @@ def served() -> Iterator[ServedApp]:
         config = load_config(
             {
                 "cache": {"redis_url": redis_server.url, "semantic_answer_threshold": 0.95},
-                "scheduler": {"max_queued_per_class": 16},
+                # count-bounded queues only, so the tests control exactly what queues
+                "scheduler": {"max_queued_per_class": 16, "max_queue_wait_ms": 600_000},
             }
         )
         serve.run(bind_graph(config, options), name=APP_NAME, route_prefix="/")

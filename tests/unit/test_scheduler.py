@@ -185,3 +185,31 @@ def test_more_capacity_dispatches_waiters():
         return all(t.done() for t in tasks.values()), scheduler.in_flight
 
     assert asyncio.run(go()) == (True, 4)
+
+
+def test_admission_by_expected_wait():
+    """Once service times are known, a request expected to wait too long is refused now."""
+
+    async def go():
+        clock = Clock()
+        scheduler = PriorityScheduler("gen", 2, max_queue_wait_s=3.0, timer=clock)
+        async with scheduler.slot(ctx(Priority.NORMAL)):
+            clock.now += 1.0  # one request held its slot 1 s: the service-time estimate
+        await scheduler.acquire(ctx(Priority.NORMAL))
+        await scheduler.acquire(ctx(Priority.NORMAL))  # budget full
+        queued = enqueue(scheduler, {str(i): ctx(Priority.NORMAL) for i in range(5)})
+        await settle()  # 5 queued over 2 slots at 1 s each: ~3.5 s for the next one
+        with pytest.raises(Overloaded) as err:
+            await scheduler.acquire(ctx(Priority.NORMAL))
+        with pytest.raises(Overloaded):  # recent dispatches were all normal: none left for it
+            await scheduler.acquire(ctx(Priority.BACKGROUND))
+        critical = asyncio.ensure_future(scheduler.acquire(ctx(Priority.CRITICAL)))
+        await settle()
+        for task in [*queued.values(), critical]:
+            task.cancel()
+        return err.value, scheduler.stats()["classes"]
+
+    error, classes = asyncio.run(go())
+    assert "saturated" in error.message and error.retry_after_s >= 1
+    assert classes["normal"]["rejected"] == 1 and classes["background"]["rejected"] == 1
+    assert classes["critical"]["rejected"] == 0  # nothing of its class is ahead of it

@@ -1,0 +1,183 @@
+"""Priority Router vs FIFO Router at twice the graph's capacity, in one run.
+
+    python -m benchmarks.priority [--seconds 30]
+
+The Generator gets a small budget (max_ongoing_requests 5 -> 4 in flight) so the graph
+saturates on chat. Steps, for the priority Router and then the FIFO Router (same graph,
+`scheduler.policy: fifo`): measure capacity closed-loop; measure critical latency alone;
+offer 2x capacity open-loop (Poisson), 80 % background / 20 % critical. Reports critical
+p95 loaded / unloaded, the longest background wait, background throughput, the rejected
+share and the most requests the Router's queues held; writes JSON and a plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from benchmarks.serving import served_graph
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MAX_TOKENS = 24
+GENERATOR = {"Generator": {"max_ongoing_requests": 5}}
+
+
+def body(tag: str) -> dict:
+    return {
+        "messages": [{"role": "user", "content": f"{tag} {random.random()}"}],
+        "max_tokens": MAX_TOKENS,
+        "temperature": 1.0,
+    }
+
+
+async def one(client: httpx.AsyncClient, priority: str, t0: float) -> dict:
+    sent = time.perf_counter()
+    try:
+        r = await client.post(
+            "/v1/chat/completions", json=body(priority), headers={"X-Priority": priority}
+        )
+        status = r.status_code
+    except httpx.HTTPError:
+        status = -1
+    done = time.perf_counter()
+    return {"class": priority, "sent_s": sent - t0, "latency_s": done - sent, "status": status}
+
+
+async def capacity(client: httpx.AsyncClient, seconds: float = 8.0) -> float:
+    done = 0
+    stop = time.perf_counter() + seconds
+
+    async def worker():
+        nonlocal done
+        while time.perf_counter() < stop:
+            await one(client, "normal", 0.0)
+            done += 1
+
+    await asyncio.gather(*(worker() for _ in range(8)))
+    return done / seconds
+
+
+async def open_loop(
+    client: httpx.AsyncClient, rate: float, seconds: float, critical_share: float, seed: int
+) -> tuple[list[dict], int]:
+    rng = random.Random(seed)
+    t0 = time.perf_counter()
+    tasks, at = [], 0.0
+    max_waiting = 0
+    while at < seconds:
+        at += rng.expovariate(rate)
+        delay = t0 + at - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        priority = "critical" if rng.random() < critical_share else "background"
+        tasks.append(asyncio.ensure_future(one(client, priority, t0)))
+        if len(tasks) % 10 == 0:
+            stats = (await client.get("/v1/stats")).json()["scheduler"]["generator"]
+            max_waiting = max(max_waiting, stats["waiting"])
+    return list(await asyncio.gather(*tasks)), max_waiting
+
+
+def p95(values: list[float]) -> float:
+    return float(np.percentile(values, 95)) if values else float("nan")
+
+
+async def measure(base_url: str, seconds: float, policy: str) -> dict:
+    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=1000)
+    async with httpx.AsyncClient(base_url=base_url, timeout=120, limits=limits) as client:
+        for _ in range(5):
+            await one(client, "normal", 0.0)
+        cap = await capacity(client)
+        alone = [(await one(client, "critical", 0.0))["latency_s"] for _ in range(30)]
+        print(
+            f"[{policy}] capacity {cap:.1f} req/s; critical alone p95 {p95(alone) * 1000:.0f} ms",
+            flush=True,
+        )
+        rows, max_waiting = await open_loop(client, 2 * cap, seconds, 0.2, seed=7)
+        sched = (await client.get("/v1/stats")).json()["scheduler"]["generator"]
+    ok = [r for r in rows if r["status"] == 200]
+    crit = [r["latency_s"] for r in ok if r["class"] == "critical"]
+    bg = [r for r in ok if r["class"] == "background"]
+    span = max(r["sent_s"] + r["latency_s"] for r in rows)
+    result = {
+        "policy": policy,
+        "capacity_rps": cap,
+        "offered_rps": 2 * cap,
+        "critical_alone_p95_ms": p95(alone) * 1000,
+        "critical_loaded_p95_ms": p95(crit) * 1000,
+        "critical_p95_ratio": p95(crit) / p95(alone),
+        "longest_background_wait_s": max((r["latency_s"] for r in bg), default=float("nan")),
+        "background_throughput_rps": len(bg) / span,
+        "rejected_share": sum(r["status"] == 503 for r in rows) / len(rows),
+        "failed_other": sum(r["status"] not in (200, 503) for r in rows),
+        "max_queued_requests": max_waiting,
+        "boosted": sched["classes"].get("background", {}).get("boosted", 0),
+        "requests": rows,
+    }
+    print(
+        f"[{policy}] critical p95 {result['critical_loaded_p95_ms']:.0f} ms "
+        f"({result['critical_p95_ratio']:.1f}x alone); longest background wait "
+        f"{result['longest_background_wait_s']:.1f} s; background "
+        f"{result['background_throughput_rps']:.1f} req/s; rejected "
+        f"{result['rejected_share']:.0%}; queues held <= {max_waiting}",
+        flush=True,
+    )
+    return result
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(12, 4), sharey=True)
+    for ax, result in zip(axes, results, strict=True):
+        for cls, color in (("background", "tab:blue"), ("critical", "tab:red")):
+            rows = [r for r in result["requests"] if r["class"] == cls and r["status"] == 200]
+            ax.scatter(
+                [r["sent_s"] for r in rows],
+                [r["latency_s"] for r in rows],
+                s=6,
+                color=color,
+                label=cls,
+                alpha=0.6,
+            )
+        ax.set_title(f"{result['policy']} Router at 2x capacity")
+        ax.set_xlabel("time sent (s)")
+        ax.set_yscale("log")
+        ax.legend()
+    axes[0].set_ylabel("latency (s)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--max-queued-per-class", type=int, default=64)
+    args = parser.parse_args()
+    results = []
+    for policy in ("priority", "fifo"):
+        config = {
+            "cache": {"enabled": False},
+            "scheduler": {"policy": policy, "max_queued_per_class": args.max_queued_per_class},
+        }
+        with served_graph(config, GENERATOR) as base_url:
+            results.append(asyncio.run(measure(base_url, args.seconds, policy)))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "priority.json").write_text(
+        json.dumps({"args": vars(args), "results": results}, indent=1)
+    )
+    plot(results, RESULTS / "priority.png")
+    print(f"wrote {RESULTS / 'priority.json'} and {RESULTS / 'priority.png'}")
+
+
+if __name__ == "__main__":
+    main()
