@@ -38,6 +38,8 @@ class Embedder:
         )
         self.dim = int(self._model.get_sentence_embedding_dimension())
         self._stats = BatchStats()
+        self._active = 0  # embed calls in this replica right now
+        self._encoded_at_once = 0
         self._batch = config.batch
         self._apply(config.batch)
 
@@ -50,8 +52,22 @@ class Embedder:
         self._embed_batch.set_batch_wait_timeout_s(batch.batch_wait_timeout_s)
 
     async def embed(self, texts: list[str]) -> Embeddings:
-        """Vectors (len(texts), dim) float32 with L2-normalised rows, and token counts."""
-        return await self._embed_batch(texts)
+        """Vectors (len(texts), dim) float32 with L2-normalised rows, and token counts.
+
+        A call that finds the replica idle is encoded at once: waiting out the batch window
+        only pays when other calls can join the batch.
+        """
+        idle = self._active == 0 and self._config.encode_at_once_when_idle
+        self._active += 1
+        try:
+            if idle:
+                self._stats.record(1, len(texts))
+                self._encoded_at_once += 1
+                vectors, tokens = await asyncio.to_thread(self._encode, texts)
+                return Embeddings(vectors, tokens)
+            return await self._embed_batch(texts)
+        finally:
+            self._active -= 1
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.05)
     async def _embed_batch(self, calls: list[list[str]]) -> list[Embeddings]:
@@ -83,4 +99,5 @@ class Embedder:
             **self._stats.summary(),
             **self._batch.model_dump(),
             "max_ongoing_requests": max_ongoing_requests(),
+            "encoded_at_once": self._encoded_at_once,
         }

@@ -54,6 +54,9 @@ class EmbedderConfig(StrictModel):
     )
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:0 ...")
     batch: BatchConfig = Field(default_factory=BatchConfig)
+    encode_at_once_when_idle: bool = Field(
+        True, description="A call that finds the replica idle skips the batch window."
+    )
 
     def resolved_model_path(self) -> str:
         if self.model_path:

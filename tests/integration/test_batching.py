@@ -59,3 +59,12 @@ def test_batch_size_changes_at_run_time(served, http):
     finally:
         handle.reconfigure.remote(None).result()
     assert embedder_stats(http)["max_batch_size"] == 32
+
+
+def test_a_lone_request_skips_the_batch_window(http):
+    before = embedder_stats(http)
+    r = http.post("/v1/embeddings", json={"input": f"all alone {uuid.uuid4().hex}"})
+    assert r.status_code == 200
+    after = embedder_stats(http)
+    assert after["encoded_at_once"] == before["encoded_at_once"] + 1
+    assert after["calls"] == before["calls"] + 1
