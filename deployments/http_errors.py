@@ -30,7 +30,7 @@ def _param(loc: tuple) -> str | None:
     for part in loc[1:] if loc and loc[0] in ("body", "query", "path", "header") else loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("str", "list[str]", "function-after[_clean_text(), str]") or "[" in str(part):
+        elif part == "str" or "[" in str(part):  # a union member's tag, not a field
             continue
         else:
             out += f".{part}" if out else str(part)

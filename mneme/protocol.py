@@ -19,15 +19,22 @@ from mneme.errors import InvalidRequest
 ID_PATTERN = NAMESPACE_PATTERN
 
 
-def _clean_text(value: str) -> str:
-    if not value.strip():
-        raise ValueError("text must not be empty")
+def _encoding_problem(value: str) -> str | None:
+    """Why `value` cannot be stored or tokenised as text, or None."""
     if "\x00" in value:
-        raise ValueError("text must not contain NUL characters")
+        return "text must not contain NUL characters"
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        raise ValueError("text must be valid unicode (no lone surrogates)") from None
+        return "text must be valid unicode (no lone surrogates)"
+    return None
+
+
+def _clean_text(value: str) -> str:
+    if not value.strip():
+        raise ValueError("text must not be empty")
+    if problem := _encoding_problem(value):
+        raise ValueError(problem)
     return value
 
 
@@ -43,6 +50,11 @@ class ApiModel(BaseModel):
 
 class ResponseModel(BaseModel):
     pass
+
+
+def _check_count(count: int, limit: int, noun: str, param: str) -> None:
+    if count > limit:
+        raise InvalidRequest(f"{count} {noun}; the limit is {limit}", param=param)
 
 
 def _check_text(text: str, param: str, limits: LimitsConfig) -> None:
@@ -81,11 +93,7 @@ class AddMemoriesRequest(ApiModel):
     priority: PriorityName | None = None
 
     def check_limits(self, limits: LimitsConfig) -> None:
-        if len(self.items) > limits.max_items_per_request:
-            raise InvalidRequest(
-                f"{len(self.items)} items; the limit is {limits.max_items_per_request}",
-                param="items",
-            )
+        _check_count(len(self.items), limits.max_items_per_request, "items", "items")
         seen: set[str] = set()
         for i, item in enumerate(self.items):
             _check_text(item.text, f"items[{i}].text", limits)
@@ -175,11 +183,7 @@ class PrewarmRequest(ApiModel):
     texts: list[Text] = Field(min_length=1)
 
     def check_limits(self, limits: LimitsConfig) -> None:
-        if len(self.texts) > limits.max_items_per_request:
-            raise InvalidRequest(
-                f"{len(self.texts)} texts; the limit is {limits.max_items_per_request}",
-                param="texts",
-            )
+        _check_count(len(self.texts), limits.max_items_per_request, "texts", "texts")
         for i, text in enumerate(self.texts):
             _check_text(text, f"texts[{i}]", limits)
 
@@ -208,11 +212,7 @@ class EmbeddingRequest(ApiModel):
         texts = self.texts()
         if not texts:
             raise InvalidRequest("input must not be empty", param="input")
-        if len(texts) > limits.max_items_per_request:
-            raise InvalidRequest(
-                f"{len(texts)} inputs; the limit is {limits.max_items_per_request}",
-                param="input",
-            )
+        _check_count(len(texts), limits.max_items_per_request, "inputs", "input")
         for i, text in enumerate(texts):
             _check_text(text, "input" if isinstance(self.input, str) else f"input[{i}]", limits)
 
@@ -291,21 +291,11 @@ class ChatCompletionRequest(ApiModel):
     memory: MemoryOptions | None = None
 
     def check_limits(self, limits: LimitsConfig) -> None:
-        if len(self.messages) > limits.max_messages:
-            raise InvalidRequest(
-                f"{len(self.messages)} messages; the limit is {limits.max_messages}",
-                param="messages",
-            )
+        _check_count(len(self.messages), limits.max_messages, "messages", "messages")
         for i, message in enumerate(self.messages):
             text = message.text()
-            if "\x00" in text:
-                raise InvalidRequest("content must not contain NUL", param=f"messages[{i}]")
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError:
-                raise InvalidRequest(
-                    "content must be valid unicode", param=f"messages[{i}].content"
-                ) from None
+            if problem := _encoding_problem(text):
+                raise InvalidRequest(problem, param=f"messages[{i}].content")
             _check_text(text, f"messages[{i}].content", limits)
         _check_max_tokens(self.max_tokens, "max_tokens", limits)
         _check_max_tokens(self.max_completion_tokens, "max_completion_tokens", limits)

@@ -33,6 +33,10 @@ def test_strict_types():
             p.ChatCompletionRequest(messages=[p.ChatMessage(role="user", content="x" * 11)]),
             "messages[0].content",
         ),
+        (
+            p.ChatCompletionRequest(messages=[p.ChatMessage(role="user", content="a\x00b")]),
+            "messages[0].content",
+        ),
     ],
 )
 def test_limits_name_the_field(request_, param):
