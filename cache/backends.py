@@ -26,22 +26,8 @@ class MemoryBackend:
 
     KEY_OVERHEAD_BYTES = 100
 
-    def __init__(
-        self,
-        max_entries: int,
-        max_bytes: int | None = None,
-        *,
-        hot_after_hits: int = 10,
-        hot_ttl_factor: float = 5.0,
-        timer: Callable[[], float] = time.monotonic,
-    ):
-        self.cache = TinyLfuCache(
-            max_entries,
-            max_bytes,
-            hot_after_hits=hot_after_hits,
-            hot_ttl_factor=hot_ttl_factor,
-            timer=timer,
-        )
+    def __init__(self, cache: TinyLfuCache):
+        self.cache = cache
 
     async def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
         return self.get_many_now(keys)

@@ -73,8 +73,9 @@ class CacheClient:
             by_shard[self._shard_of(request)].append(i)
         values: list[bytes | None] = [None] * len(requests)
         labels = ["miss"] * len(requests)
-        owned: list[tuple[int, str, int]] = []  # (shard, key, first index)
-        pending: dict[int, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+        owned: list[tuple[int, str, int]] = []  # (shard, key, index)
+        pending: dict[int, dict[str, int]] = defaultdict(dict)  # shard -> key -> index
+        duplicates: list[tuple[int, int]] = []  # (index, index of the same key's first use)
         to_compute: list[int] = []
         lookups = await asyncio.gather(
             *(self._lookup(s, [requests[i] for i in idx]) for s, idx in by_shard.items())
@@ -84,23 +85,23 @@ class CacheClient:
                 to_compute += indices
                 continue
             first_of: dict[str, int] = {}
-            owned_keys, pending_keys = set(lookup.owned), set(lookup.pending)
+            pending_keys = set(lookup.pending)
             for i, key in zip(indices, lookup.keys, strict=True):
                 if key in lookup.found:
                     values[i], labels[i] = lookup.found[key]
+                elif key in first_of:  # the same key twice in one request: get it once
+                    duplicates.append((i, first_of[key]))
                 elif key in pending_keys:
-                    pending[shard][key].append(i)
-                elif key in owned_keys and key not in first_of:
+                    first_of[key] = pending[shard][key] = i
+                else:  # owned: a claimed lookup leaves every other miss to this caller
                     first_of[key] = i
                     owned.append((shard, key, i))
                     to_compute.append(i)
-                elif key in first_of:
-                    pending[shard][key].append(i)  # a duplicate inside this request
-                else:
-                    to_compute.append(i)
         await self._compute_into(requests, compute, to_compute, owned, values)
         for shard, keys in pending.items():
-            await self._collect(shard, keys, requests, compute, values)
+            await self._collect(shard, keys, compute, values)
+        for i, first in duplicates:
+            values[i], labels[i] = values[first], labels[first]
         if tiers is not None:
             tiers.extend(labels)
         return values  # type: ignore[return-value]
@@ -129,30 +130,20 @@ class CacheClient:
         for shard, entries in per_shard.items():
             self.shards[shard].store.remote(entries)  # fire and forget: never blocks a reply
 
-    async def _collect(self, shard, keys: dict[str, list[int]], requests, compute, values):
-        """Values other callers (or this request's duplicates) are computing."""
-        known = {}
-        for key, indices in keys.items():
-            ready = [values[i] for i in indices if values[i] is not None]
-            if ready:
-                known[key] = ready[0]
-        waiting = [k for k in keys if k not in known]
-        if waiting:
-            try:
-                ref = self.shards[shard].await_keys.remote(
-                    waiting, self.config.single_flight_wait_s
-                )
-                known.update(await self._call(ref, self.config.single_flight_wait_s + 1.0))
-            except Exception as exc:
-                logger.warning("waiting for joined misses failed (%r): computing", exc)
+    async def _collect(self, shard: int, keys: dict[str, int], compute: Compute, values) -> None:
+        """Values other callers are computing; compute here what they fail to deliver."""
+        known: dict[str, bytes] = {}
+        try:
+            ref = self.shards[shard].await_keys.remote(list(keys), self.config.single_flight_wait_s)
+            known = await self._call(ref, self.config.single_flight_wait_s + 1.0)
+        except Exception as exc:
+            logger.warning("waiting for joined misses failed (%r): computing", exc)
         missing = [key for key in keys if key not in known]
-        if missing:  # the owner failed or timed out: compute them here
-            computed = await compute([keys[key][0] for key in missing])
+        if missing:  # the owner failed or timed out
+            computed = await compute([keys[key] for key in missing])
             known.update(zip(missing, computed, strict=True))
-        for key, indices in keys.items():
-            for i in indices:
-                if values[i] is None:
-                    values[i] = known[key]
+        for key, i in keys.items():
+            values[i] = known[key]
 
     async def bump(self, namespace: str) -> None:
         """Make every cached search/answer of `namespace` unreachable (after a write)."""

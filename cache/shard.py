@@ -20,6 +20,7 @@ import numpy as np
 
 from cache.backends import MemoryBackend, RedisBackend
 from cache.keys import KeyRequest, Kind, versioned
+from cache.policy import TinyLfuCache
 from mneme.config import CacheConfig
 
 logger = logging.getLogger(__name__)
@@ -64,11 +65,13 @@ class CacheShard:
         self.shard = shard
         self.timer = timer
         self.l1 = MemoryBackend(
-            config.max_entries,
-            config.max_bytes,
-            hot_after_hits=config.hot_after_hits,
-            hot_ttl_factor=config.hot_ttl_factor,
-            timer=timer,
+            TinyLfuCache(
+                config.max_entries,
+                config.max_bytes,
+                hot_after_hits=config.hot_after_hits,
+                hot_ttl_factor=config.hot_ttl_factor,
+                timer=timer,
+            )
         )
         self.l2 = (
             RedisBackend(config.redis_url, timeout_s=config.l2_timeout_s)

@@ -178,3 +178,13 @@ def test_semantic_answer_cache_serves_a_similar_question(http):
     again = http.post("/v1/answer", json={**body, "query": "when is tea served?"})
     assert again.headers["x-cache"] == "miss"
     assert http.get("/v1/stats").json()["cache"]["semantic_answers"]["hits"] >= 1
+
+
+def test_a_text_twice_in_one_request_is_embedded_once(http):
+    text = unique("twice")
+    before = http.get("/v1/stats").json()["embedder"]["items"]
+    r = http.post("/v1/embeddings", json={"input": [text, unique("other"), text]})
+    assert r.status_code == 200 and r.headers["x-cache"] == "miss"
+    data = r.json()["data"]
+    assert data[0]["embedding"] == data[2]["embedding"] != data[1]["embedding"]
+    assert http.get("/v1/stats").json()["embedder"]["items"] - before == 2

@@ -5,13 +5,14 @@ import asyncio
 import pytest
 
 from cache.backends import CircuitBreaker, CircuitOpen, MemoryBackend, RedisBackend
+from cache.policy import TinyLfuCache
 
 
 @pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
 def make_backend(request):
     """A factory: a Redis client belongs to the event loop it is made in."""
     if request.param == "memory":
-        return lambda: MemoryBackend(1000)
+        return lambda: MemoryBackend(TinyLfuCache(1000))
     server = request.getfixturevalue("redis_server")
     return lambda: RedisBackend(server.url, timeout_s=0.5)
 
