@@ -12,7 +12,7 @@ export TRANSFORMERS_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH := deployments.http_errors:proxy_middlewares
 
-.PHONY: install run test test-fast bench lint format clean
+.PHONY: install run test test-fast bench lint format clean peer
 
 install: $(INSTALLED) $(MODEL_DIR)/config.json
 
@@ -42,6 +42,11 @@ bench: install
 	$(BIN)/python -m benchmarks.cache_policy
 	$(BIN)/python -m benchmarks.cache_http
 	$(BIN)/python -m benchmarks.priority
+	$(BIN)/python -m benchmarks.compare    # naive vs compute-aware vs Infinity (~15 min)
+
+# The peer embedding server (Infinity) in its own venv, .venv-infinity: its pins clash with ours.
+peer: $(INSTALLED)
+	$(BIN)/python -c "from benchmarks.peer import ROOT, ensure_infinity_venv; ensure_infinity_venv(ROOT)"
 
 lint:
 	$(BIN)/ruff check .
@@ -52,4 +57,4 @@ format:
 	$(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) .models
+	rm -rf $(VENV) .venv-infinity .models

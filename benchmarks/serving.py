@@ -39,22 +39,35 @@ def build_noop_app():
 
 @contextlib.contextmanager
 def served_graph(mneme_args: dict[str, Any], options: dict | None = None) -> Iterator[str]:
-    """Ray + Serve on a free port: Mneme at `/`, the no-op ingress at `/noop`."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray
-    from ray import serve
-
+    """Ray + Serve on a free port: Mneme (from YAML-style args) at `/`, no-op at `/noop`."""
     from graphs.app import bind_graph
     from mneme.config import load_config
 
+    with served_app(lambda: bind_graph(load_config(mneme_args), options)) as base_url:
+        yield base_url
+
+
+@contextlib.contextmanager
+def served_app(build: Callable[[], Any], num_cpus: int = 2) -> Iterator[str]:
+    """Ray + Serve on a free port: the application `build()` returns at `/`, the no-op
+    ingress at `/noop`; everything is shut down on exit."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault(  # the body limit at the proxy, as `make run` has it
+        "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "deployments.http_errors:proxy_middlewares"
+    )
+    import ray
+    from ray import serve
+
     port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="mneme-bench")
+    ray.init(
+        num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, namespace="mneme-bench"
+    )
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_noop_app(), name="noop", route_prefix="/noop")
-        serve.run(bind_graph(load_config(mneme_args), options), name="mneme", route_prefix="/")
+        serve.run(build(), name="mneme", route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()

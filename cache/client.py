@@ -19,7 +19,8 @@ import ray
 
 from cache.keys import KeyRequest
 from cache.shard import CacheShard, Lookup
-from mneme.config import CacheConfig
+from mneme.coalesce import Coalescer, fire_and_forget
+from mneme.config import CacheConfig, RouterConfig
 
 logger = logging.getLogger(__name__)
 Compute = Callable[[list[int]], Awaitable[list[bytes]]]
@@ -29,6 +30,26 @@ async def _awaited(ref: Any) -> Any:
     return await ref
 
 
+def split_lookup(lookup: Lookup, sizes: list[int]) -> list[Lookup]:
+    """One merged lookup back into each request's: a miss the shard gave the merged call is
+    owned by the first request that asked for it; any later one waits for it (pending)."""
+    owned, claimed, parts, start = set(lookup.owned), set(), [], 0
+    for size in sizes:
+        keys = lookup.keys[start : start + size]
+        start += size
+        part = Lookup(keys, lookup.found)
+        for key in dict.fromkeys(keys):
+            if key in lookup.found:
+                continue
+            if key in owned and key not in claimed:
+                claimed.add(key)
+                part.owned.append(key)
+            else:
+                part.pending.append(key)
+        parts.append(part)
+    return parts
+
+
 def shard_actor_name(app_name: str, shard: int) -> str:
     return f"mneme-cache:{app_name}:{shard}"
 
@@ -36,8 +57,11 @@ def shard_actor_name(app_name: str, shard: int) -> str:
 class CacheClient:
     """Handles to the cache shards of one application (created on first use, then shared)."""
 
-    def __init__(self, config: CacheConfig, app_name: str = "mneme"):
+    def __init__(
+        self, config: CacheConfig, app_name: str = "mneme", router: RouterConfig | None = None
+    ):
         self.config = config
+        router = router or RouterConfig()
         actor = ray.remote(CacheShard)
         # Detached and named: every Router replica (and a restarted one) finds the same shards.
         self.shards = [
@@ -52,6 +76,28 @@ class CacheClient:
             ).remote(config, i)
             for i in range(config.shards)
         ]
+        # Concurrent requests' lookups (and stores) to one shard go as one actor call.
+        self._lookups: list[Coalescer] | None = None
+        self._stores: list[Coalescer] | None = None
+        if router.coalesce:
+            self._lookups = [
+                Coalescer(
+                    lambda requests, s=shard: self._call(s.lookup.remote(requests)),
+                    split=split_lookup,
+                    max_in_flight=router.coalesce_max_in_flight,
+                    max_items=router.coalesce_max_items,
+                )
+                for shard in self.shards
+            ]
+            self._stores = [
+                Coalescer(
+                    lambda entries, s=shard: self._call(s.store.remote(entries)),
+                    split=lambda _, sizes: [None] * len(sizes),
+                    max_in_flight=router.coalesce_max_in_flight,
+                    max_items=router.coalesce_max_items,
+                )
+                for shard in self.shards
+            ]
 
     def _shard_of(self, request: KeyRequest) -> int:
         """Namespaced keys live with their namespace's version; the rest spread by key."""
@@ -108,6 +154,8 @@ class CacheClient:
 
     async def _lookup(self, shard: int, requests: list[KeyRequest]) -> Lookup | None:
         try:
+            if self._lookups is not None:
+                return await self._lookups[shard].submit(requests)
             return await self._call(self.shards[shard].lookup.remote(requests))
         except Exception as exc:
             logger.warning("cache shard %d lookup failed (%r): computing instead", shard, exc)
@@ -127,8 +175,11 @@ class CacheClient:
         per_shard: dict[int, list[tuple[str, Any, bytes]]] = defaultdict(list)
         for shard, key, i in owned:
             per_shard[shard].append((key, requests[i].kind, values[i]))
-        for shard, entries in per_shard.items():
-            self.shards[shard].store.remote(entries)  # fire and forget: never blocks a reply
+        for shard, entries in per_shard.items():  # fire and forget: never blocks a reply
+            if self._stores is not None:
+                fire_and_forget(self._stores[shard].submit(entries))
+            else:
+                self.shards[shard].store.remote(entries)
 
     async def _collect(self, shard: int, keys: dict[str, int], compute: Compute, values) -> None:
         """Values other callers are computing; compute here what they fail to deliver."""
@@ -176,6 +227,17 @@ class CacheClient:
     ) -> None:
         shard = self.shards[self._shard_of_text(namespace)]
         shard.semantic_add.remote(namespace, bucket, version, vector, answer)  # fire and forget
+
+    def coalesced(self) -> dict[str, Any]:
+        """Merged lookups and stores, summed over shards."""
+        out = {}
+        for name, group in (("cache_lookup", self._lookups), ("cache_store", self._stores)):
+            if group:
+                stats = [c.stats() for c in group]
+                total = {k: sum(s[k] for s in stats) for k in ("calls", "submissions", "items")}
+                total["submissions_per_call"] = total["submissions"] / max(total["calls"], 1)
+                out[name] = total
+        return out
 
     async def stats(self) -> dict[str, Any]:
         shards = await asyncio.gather(

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -132,25 +132,28 @@ class CacheShard:
             for key, value in self.l1.get_many_now(missing).items():
                 result.found[key] = (value, "hit-l1")
             missing = [k for k in missing if k not in result.found]
+        occurrences = Counter(keys)  # a merged lookup asks for a key once per request
         for key in unique:
             if key in result.found:
                 stats = self._kinds[kinds[key]]
                 if result.found[key][1] == "hit-l1":
-                    stats.hits_l1 += 1
+                    stats.hits_l1 += occurrences[key]
                 else:
-                    stats.hits_l2 += 1
+                    stats.hits_l2 += occurrences[key]
         now = self.timer()
         for key in missing:
-            self._kinds[kinds[key]].misses += 1
+            stats = self._kinds[kinds[key]]
+            stats.misses += occurrences[key]
             if not claim:
                 continue
             inflight = self._inflight.get(key)
             if inflight is not None and now - inflight[1] < self.config.single_flight_wait_s:
                 result.pending.append(key)
-                self._kinds[kinds[key]].joined += 1
+                stats.joined += occurrences[key]
             else:
                 self._inflight[key] = (asyncio.get_running_loop().create_future(), now)
                 result.owned.append(key)
+                stats.joined += occurrences[key] - 1
         return result
 
     async def await_keys(self, keys: list[str], timeout_s: float) -> dict[str, bytes]:

@@ -66,6 +66,7 @@ async def refresh_once(
     stats = await downstreams.stats(timeout_s=2.0)
     replicas = await asyncio.to_thread(running_replicas, app_name)
     routers = max(1, replicas.get(ROUTER, 1))
+    downstreams.follow_replicas(replicas, routers)
     budgets = {}
     for key, scheduler in schedulers.items():
         if key in config.capacity:

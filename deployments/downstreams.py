@@ -21,6 +21,8 @@ from ray.serve.exceptions import (
 )
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
+from mneme.coalesce import Coalescer
+from mneme.config import RouterConfig
 from mneme.errors import DeadlineExceeded, Overloaded, Unavailable
 from mneme.priority import RequestContext
 from mneme.records import (
@@ -42,6 +44,15 @@ DEPLOYMENT_NAMES = {
     "generator": "Generator",
 }
 _UNAVAILABLE = (ActorDiedError, ActorUnavailableError, RayActorError, DeploymentUnavailableError)
+
+
+def split_embeddings(result: Embeddings, sizes: list[int]) -> list[Embeddings]:
+    out, start = [], 0
+    for size in sizes:
+        end = start + size
+        out.append(Embeddings(result.vectors[start:end], result.token_counts[start:end]))
+        start = end
+    return out
 
 
 def _translate(exc: BaseException, name: str) -> Exception | None:
@@ -67,18 +78,41 @@ class Downstreams:
         vector_search: DeploymentHandle,
         generator: DeploymentHandle,
         schedulers: dict[str, PriorityScheduler] | None = None,
+        router: RouterConfig | None = None,
     ):
         self.embedder = embedder
         self.vector_search = vector_search
         self.generator = generator
         self.schedulers = schedulers or {}
+        self.router = router = router or RouterConfig()
+        self.embed_coalescer = (
+            Coalescer(
+                lambda texts: self.embedder.embed.remote(texts),
+                split=split_embeddings,
+                max_in_flight=router.coalesce_max_in_flight,
+                max_items=router.coalesce_max_items,
+            )
+            if router.coalesce
+            else None
+        )
+
+    def follow_replicas(self, running: dict[str, int], routers: int) -> None:
+        """Merged embeds in flight: `coalesce_max_in_flight` per running Embedder replica,
+        shared among the Router replicas (autoscaling changes both)."""
+        if self.embed_coalescer is not None:
+            replicas = running.get(DEPLOYMENT_NAMES["embedder"], 1)
+            per_router = self.router.coalesce_max_in_flight * replicas // routers
+            self.embed_coalescer.max_in_flight = max(1, per_router)
 
     def _slot(self, key: str, ctx: RequestContext):
         scheduler = self.schedulers.get(key)
         return scheduler.slot(ctx) if scheduler is not None else contextlib.nullcontext()
 
     async def _call(
-        self, key: str, start: Callable[[], DeploymentResponse], ctx: RequestContext
+        self,
+        key: str,
+        start: Callable[[], DeploymentResponse | asyncio.Future],
+        ctx: RequestContext,
     ) -> Any:
         name = DEPLOYMENT_NAMES[key]
         async with self._slot(key, ctx):
@@ -101,6 +135,10 @@ class Downstreams:
 
     # ------------------------------------------------------------------ Embedder
     async def embed(self, texts: list[str], ctx: RequestContext) -> Embeddings:
+        """One Embedder call, merged with other requests' concurrent embeds when coalescing
+        (each request still takes its own scheduler slot, so priorities hold)."""
+        if self.embed_coalescer is not None:
+            return await self._call("embedder", lambda: self.embed_coalescer.submit(texts), ctx)
         return await self._call("embedder", lambda: self.embedder.embed.remote(texts), ctx)
 
     # -------------------------------------------------------------- VectorSearch

@@ -14,6 +14,7 @@ from ray import serve
 from deployments.replica import max_ongoing_requests
 from mneme.config import GeneratorConfig
 from mneme.records import Generation, GenerationDelta, GenerationRequest
+from mneme.stats import Occupancy
 
 
 @serve.deployment(
@@ -56,7 +57,7 @@ class Generator:
         self._engine = AsyncLLM.from_engine_args(args)
         self._requests = 0
         self._completion_tokens = 0
-        self._in_flight = 0
+        self._occupancy = Occupancy()
 
     async def _render(self, request: GenerationRequest):
         from vllm.renderers.params import ChatParams
@@ -87,7 +88,7 @@ class Generator:
         sampling = self._sampling(request)
         completion_tokens = 0
         self._requests += 1
-        self._in_flight += 1
+        self._occupancy.enter()
         try:
             async for output in self._engine.generate(
                 prompt, sampling, request.request_id, priority=request.priority
@@ -101,7 +102,7 @@ class Generator:
                     completion_tokens=completion_tokens,
                 )
         finally:
-            self._in_flight -= 1
+            self._occupancy.exit()
             self._completion_tokens += completion_tokens
 
     async def generate(self, request: GenerationRequest) -> Generation:
@@ -117,11 +118,11 @@ class Generator:
         if self._engine.errored:
             raise RuntimeError("vLLM engine died")
 
-    def stats(self) -> dict:
+    async def stats(self) -> dict:
         return {
             "model": self._config.served_model_name,
             "requests": self._requests,
-            "in_flight": self._in_flight,
+            **self._occupancy.summary(),
             "completion_tokens": self._completion_tokens,
             "max_ongoing_requests": max_ongoing_requests(),
         }

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import FastAPI, Header, Query, Response
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -50,13 +50,15 @@ class Router:
         BodySizeLimit.max_bytes = config.limits.max_request_body_bytes
         app_name = serve.get_replica_context().app_name
         self.schedulers = make_schedulers(config.scheduler) if config.scheduler.enabled else {}
-        self.downstreams = Downstreams(embedder, vector_search, generator, self.schedulers)
+        self.downstreams = Downstreams(
+            embedder, vector_search, generator, self.schedulers, config.router
+        )
         self.budgets = BudgetRefresher(
             config.scheduler, self.schedulers, self.downstreams, app_name
         )
         self.cache = None
         if config.cache.enabled:
-            self.cache = CacheClient(config.cache, app_name)
+            self.cache = CacheClient(config.cache, app_name, config.router)
         self.compute = ComputeGraph(config, self.downstreams, self.cache)
         self.service = MnemeService(config, self.compute)
         self.latency = LatencyBook()
@@ -208,9 +210,19 @@ class Router:
         status = {"status": "ok" if not down else "unavailable", "unavailable": down}
         return JSONResponse(status, status_code=503 if down else 200)
 
+    def coalesced(self) -> dict[str, Any]:
+        """What the Router merged: handle and actor calls saved."""
+        out = {}
+        if self.downstreams.embed_coalescer is not None:
+            out["embed"] = self.downstreams.embed_coalescer.stats()
+        if self.cache is not None:
+            out |= self.cache.coalesced()
+        return out
+
     @app.get("/v1/stats")
     async def stats(self) -> dict:
-        out = {"router": {"latency": self.latency.summary()}, **(await self.downstreams.stats())}
+        router = {"latency": self.latency.summary(), "coalesced": self.coalesced()}
+        out = {"router": router, **(await self.downstreams.stats())}
         out["cache"] = await self.cache.stats() if self.cache is not None else None
         out["scheduler"] = {key: s.stats() for key, s in self.schedulers.items()}
         return out

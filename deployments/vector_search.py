@@ -30,25 +30,31 @@ class VectorSearch:
         self._apply(config.batch)
 
     def reconfigure(self, user_config: dict | None) -> None:
-        self._apply(parse_batch_config(user_config, self._config.batch))
+        batch = parse_batch_config(user_config, self._config.batch)
+        if batch.adaptive:  # see VectorSearchConfig.batch
+            raise ValueError("VectorSearch's batch window is fixed: set adaptive: false")
+        self._apply(batch)
 
     def _apply(self, batch: BatchConfig) -> None:
         self._batch = batch
         self._search_batch.set_max_batch_size(batch.max_batch_size)
         self._search_batch.set_batch_wait_timeout_s(batch.batch_wait_timeout_s)
 
-    # FAISS calls below are synchronous on the replica's event loop, so writes and searches
-    # never interleave half-way.
-    def upsert(self, namespace: str, items: list[NewMemory], vectors: np.ndarray) -> list[str]:
+    # Every method is `async` on purpose: Serve runs a plain `def` method in a thread pool,
+    # and FAISS aborts the process on concurrent writes (seen: SIGABRT in add_with_ids under
+    # 4 concurrent adds). On the event loop, writes and searches never interleave half-way.
+    async def upsert(
+        self, namespace: str, items: list[NewMemory], vectors: np.ndarray
+    ) -> list[str]:
         return self._store.upsert(namespace, items, vectors)
 
-    def delete(self, namespace: str, memory_id: str) -> bool:
+    async def delete(self, namespace: str, memory_id: str) -> bool:
         return self._store.delete(namespace, memory_id)
 
-    def get(self, namespace: str, memory_id: str) -> StoredMemory | None:
+    async def get(self, namespace: str, memory_id: str) -> StoredMemory | None:
         return self._store.get(namespace, memory_id)
 
-    def page(self, namespace: str, limit: int, cursor: int | None) -> MemoryPage:
+    async def page(self, namespace: str, limit: int, cursor: int | None) -> MemoryPage:
         return self._store.page(namespace, limit, cursor)
 
     async def search(self, query: SearchQuery) -> list[SearchHit]:
@@ -56,7 +62,10 @@ class VectorSearch:
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)
     async def _search_batch(self, queries: list[SearchQuery]) -> list[list[SearchHit]]:
-        self._stats.record(len(queries), len(queries))
+        with self._stats.batch(len(queries), len(queries)):
+            return self._search_groups(queries)
+
+    def _search_groups(self, queries: list[SearchQuery]) -> list[list[SearchHit]]:
         groups: dict[tuple[str, str], list[int]] = defaultdict(list)
         for i, q in enumerate(queries):
             groups[(q.namespace, _filter_key(q.filter))].append(i)
@@ -69,7 +78,7 @@ class VectorSearch:
                 results[i] = hits[: queries[i].top_k]
         return results
 
-    def stats(self) -> dict:
+    async def stats(self) -> dict:
         return {
             **self._stats.summary(),
             **self._batch.model_dump(),

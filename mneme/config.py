@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from mneme.errors import InvalidRequest
 
@@ -44,6 +44,11 @@ class BatchConfig(StrictModel):
     batch_wait_timeout_s: float = Field(
         0.05, ge=0.0, le=10.0, description="Longest a call waits for its batch to fill."
     )
+    adaptive: bool = Field(
+        True,
+        description="A call that finds the replica idle runs at once, and the window grows "
+        "with load up to batch_wait_timeout_s. False: every batch waits the full window.",
+    )
 
 
 class EmbedderConfig(StrictModel):
@@ -53,10 +58,13 @@ class EmbedderConfig(StrictModel):
         description="A sentence-transformers folder on disk; None = the packaged MiniLM.",
     )
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:0 ...")
-    batch: BatchConfig = Field(default_factory=BatchConfig)
-    encode_at_once_when_idle: bool = Field(
-        True, description="A call that finds the replica idle skips the batch window."
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch intra-op threads on CPU; null = every core of the node (Ray would "
+        "otherwise pin a replica with num_cpus < 2 to one thread: half the batched speed here).",
     )
+    batch: BatchConfig = Field(default_factory=BatchConfig)
 
     def resolved_model_path(self) -> str:
         if self.model_path:
@@ -71,9 +79,20 @@ class VectorSearchConfig(StrictModel):
         "inner_product", description="Vectors are L2-normalised, so this is cosine similarity."
     )
     batch: BatchConfig = Field(
-        default_factory=lambda: BatchConfig(max_batch_size=64, batch_wait_timeout_s=0.002),
-        description="Search calls are batched per namespace into one FAISS search.",
+        default_factory=lambda: BatchConfig(
+            max_batch_size=64, batch_wait_timeout_s=0.002, adaptive=False
+        ),
+        description="Search calls are batched per namespace into one FAISS search. The "
+        "window is fixed: searches run on the replica's event loop, so a replica never looks "
+        "idle to a waiting call and `adaptive` would stop all batching.",
     )
+
+    @field_validator("batch")
+    @classmethod
+    def _fixed_window(cls, batch: BatchConfig) -> BatchConfig:
+        if batch.adaptive:
+            raise ValueError("adaptive windows are for the Embedder; set adaptive: false")
+        return batch
 
 
 class GeneratorConfig(StrictModel):
@@ -171,6 +190,24 @@ class SchedulerConfig(StrictModel):
     )
 
 
+class RouterConfig(StrictModel):
+    """How the Router talks to its downstreams."""
+
+    coalesce: bool = Field(
+        True,
+        description="Merge concurrent requests' embeds and cache lookups into one call each "
+        "(a call finding nothing in flight goes at once). False: one call per request.",
+    )
+    coalesce_max_in_flight: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Merged calls in flight per downstream replica; what arrives meanwhile "
+        "waits and goes as the next call (so batches grow with load).",
+    )
+    coalesce_max_items: int = Field(256, ge=1, description="Most texts or keys in one call.")
+
+
 class MnemeConfig(StrictModel):
     """The `args` of the Serve application (see configs/local.yaml)."""
 
@@ -180,6 +217,7 @@ class MnemeConfig(StrictModel):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    router: RouterConfig = Field(default_factory=RouterConfig)
     answer_system_prompt: str = Field(
         "Answer the question using the memories below.",
         description="System prompt of /v1/answer and of chat's `memory` extension.",

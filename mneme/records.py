@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,24 +85,36 @@ class GenerationDelta:
 
 @dataclass
 class BatchStats:
-    """What a batching deployment records: how many calls and items each batch carried."""
+    """What a batching deployment records: calls and items per batch, and the seconds its
+    model (or index) was busy on them, against the seconds since the replica started."""
 
     batches: int = 0
     calls: int = 0
     items: int = 0
+    busy_s: float = 0.0
+    started: float = field(default_factory=time.monotonic)
     calls_per_batch: dict[int, int] = field(default_factory=dict)
 
-    def record(self, calls: int, items: int) -> None:
+    @contextlib.contextmanager
+    def batch(self, calls: int, items: int) -> Iterator[None]:
+        """Wraps the work on one batch."""
         self.batches += 1
         self.calls += calls
         self.items += items
         self.calls_per_batch[calls] = self.calls_per_batch.get(calls, 0) + 1
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.busy_s += time.perf_counter() - start
 
     def summary(self) -> dict[str, Any]:
         return {
             "batches": self.batches,
             "calls": self.calls,
             "items": self.items,
+            "busy_s": round(self.busy_s, 4),
+            "uptime_s": round(time.monotonic() - self.started, 4),
             "mean_calls_per_batch": self.calls / self.batches if self.batches else 0.0,
             "mean_items_per_batch": self.items / self.batches if self.batches else 0.0,
             "max_calls_per_batch": max(self.calls_per_batch, default=0),

@@ -1,8 +1,10 @@
-"""Latency percentiles over a bounded window of recent observations."""
+"""Latency percentiles over a bounded window of recent observations, and replica occupancy."""
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict, deque
+from collections.abc import Callable
 
 import numpy as np
 
@@ -36,3 +38,41 @@ class LatencyBook:
 
     def summary(self) -> dict[str, dict[str, float]]:
         return {"/".join(k): w.summary() for k, w in sorted(self._windows.items())}
+
+
+class Occupancy:
+    """Time-weighted occupancy of a replica that runs many requests at once (vLLM's
+    continuous batching): seconds with at least one request in flight, and the mean number
+    in flight over those seconds (its effective batch size)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self._clock = clock
+        self.started = clock()
+        self.in_flight = 0
+        self._since = self.started
+        self._busy_s = 0.0
+        self._request_s = 0.0  # integral of in_flight over time
+
+    def _advance(self) -> None:
+        now = self._clock()
+        if self.in_flight:
+            self._busy_s += now - self._since
+            self._request_s += self.in_flight * (now - self._since)
+        self._since = now
+
+    def enter(self) -> None:
+        self._advance()
+        self.in_flight += 1
+
+    def exit(self) -> None:
+        self._advance()
+        self.in_flight -= 1
+
+    def summary(self) -> dict[str, float]:
+        self._advance()
+        return {
+            "in_flight": self.in_flight,
+            "busy_s": round(self._busy_s, 4),
+            "uptime_s": round(self._clock() - self.started, 4),
+            "mean_in_flight_when_busy": self._request_s / self._busy_s if self._busy_s else 0.0,
+        }

@@ -31,15 +31,17 @@ def fire(served, n: int) -> None:
 
 
 def test_concurrent_embeds_share_batches(served, http):
-    before = embedder_stats(http)
+    before = http.get("/v1/stats").json()
     fire(served, 32)
-    after = embedder_stats(http)
-    new = {
-        int(k): v - before["calls_per_batch"].get(k, 0) for k, v in after["calls_per_batch"].items()
+    after = http.get("/v1/stats").json()
+    embedder = {k: after["embedder"][k] - before["embedder"][k] for k in ("items", "batches")}
+    merged = {
+        k: after["router"]["coalesced"]["embed"][k] - before["router"]["coalesced"]["embed"][k]
+        for k in ("calls", "submissions")
     }
-    assert after["calls"] - before["calls"] == 32
-    assert max(size for size, count in new.items() if count > 0) > 1
-    assert after["batches"] - before["batches"] < 32
+    assert embedder["items"] == 32 and merged["submissions"] == 32
+    # the Router merged requests into fewer handle calls, and the Embedder ran fewer batches
+    assert merged["calls"] < 32 and embedder["batches"] < 32
 
 
 def test_batch_size_changes_at_run_time(served, http):
@@ -66,5 +68,21 @@ def test_a_lone_request_skips_the_batch_window(http):
     r = http.post("/v1/embeddings", json={"input": f"all alone {uuid.uuid4().hex}"})
     assert r.status_code == 200
     after = embedder_stats(http)
-    assert after["encoded_at_once"] == before["encoded_at_once"] + 1
+    assert after["dispatched_at_once"] == before["dispatched_at_once"] + 1
     assert after["calls"] == before["calls"] + 1
+
+
+def test_a_fixed_window_is_waited_out_by_a_lone_request(http):
+    handle = serve.get_deployment_handle("Embedder", app_name=APP_NAME)
+    try:
+        handle.reconfigure.remote({"adaptive": False, "batch_wait_timeout_s": 0.3}).result()
+        before = embedder_stats(http)
+        r = http.post("/v1/embeddings", json={"input": f"alone, fixed {uuid.uuid4().hex}"})
+        assert r.status_code == 200
+        after = embedder_stats(http)
+        assert after["dispatched_at_once"] == before["dispatched_at_once"]
+        assert after["batches"] == before["batches"] + 1
+        assert r.elapsed.total_seconds() >= 0.3  # the whole window, though nobody could join
+    finally:
+        handle.reconfigure.remote(None).result()
+    assert embedder_stats(http)["adaptive"] is True

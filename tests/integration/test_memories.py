@@ -135,3 +135,31 @@ def test_search_equals_brute_force_over_the_stored_vectors(http):
         np.testing.assert_allclose(
             [h["score"] for h in hits], np.sort(vectors @ q)[::-1][:5], rtol=1e-4, atol=1e-5
         )
+
+
+def test_concurrent_adds_to_one_namespace_all_land(served, http):
+    """FAISS aborts the process on concurrent writes; the replica must serialise them
+    (merged embeds return together, so the adds reach VectorSearch at the same moment)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    space = ns()
+
+    def add_many(batch: int) -> list[str]:
+        items = [{"id": f"m{batch}-{i}", "text": f"memory {batch} {i} of many"} for i in range(20)]
+        with served.client() as client:
+            r = client.post("/v1/memories", json={"namespace": space, "items": items})
+            assert r.status_code == 200, r.text
+            return r.json()["ids"]
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        ids = [i for batch in pool.map(add_many, range(8)) for i in batch]
+    assert len(set(ids)) == 160
+    listed, cursor = [], None
+    while True:
+        params = {"namespace": space, "limit": 100} | ({"cursor": cursor} if cursor else {})
+        page = http.get("/v1/memories", params=params).json()
+        listed += [m["id"] for m in page["data"]]
+        cursor = page.get("next_cursor")
+        if not cursor:
+            break
+    assert sorted(listed) == sorted(ids)

@@ -4,6 +4,8 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
+from graphs.naive import naive_config
+from graphs.serve_yaml import read_serve_yaml
 from graphs.validate import main as validate_main
 from graphs.validate import validate_file
 from mneme.config import MnemeConfig, load_config
@@ -61,3 +63,22 @@ def test_config_is_frozen():
     config = MnemeConfig()
     with pytest.raises(ValidationError):
         config.limits.max_top_k = 5  # type: ignore[misc]
+
+
+def test_naive_config_switches_compute_awareness_off_whatever_the_args_say():
+    [app] = read_serve_yaml(ROOT / "configs" / "naive.yaml")
+    config = app.config
+    assert config.cache.enabled is False and config.scheduler.policy == "fifo"
+    assert config.embedder.batch.max_batch_size == 1 and not config.embedder.batch.adaptive
+    assert config.vector_search.batch.max_batch_size == 1
+    assert config.generator.max_num_seqs == 1
+    forced = naive_config({"cache": {"enabled": True}, "generator": {"max_model_len": 256}})
+    assert forced.cache.enabled is False and forced.generator.max_model_len == 256
+
+
+def test_naive_yaml_uses_the_same_replicas_as_the_local_default():
+    [local] = read_serve_yaml(ROOT / "configs" / "local.yaml")
+    [naive] = read_serve_yaml(ROOT / "configs" / "naive.yaml")
+    for name, options in local.deployment_options.items():
+        for knob in ("num_replicas", "max_ongoing_requests", "ray_actor_options"):
+            assert naive.deployment_options[name][knob] == options[knob], (name, knob)

@@ -1,0 +1,87 @@
+"""The best hit rate any cache could reach on a trace that was actually sent.
+
+Replays the requests in the order sent through the same lookup structure as the Router
+(`deployments/serving.py`, `deployments/compute.py`): an answer looks up its answer key, on a
+miss its search key, on a miss the query's embedding; a search looks up its search key, then
+the embedding; an embed request its embedding; an add its items' embeddings, then bumps the
+namespace's version (so search and answer keys of that namespace start over). Each kind's
+lookup sequence then goes through Belady's clairvoyant policy at the cache's capacity, which
+is the compulsory-miss bound when the capacity exceeds the distinct keys.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+
+from benchmarks.workload import Request
+from cache.belady import belady_hit_rate
+from cache.keys import normalise_text
+
+
+def lookups(requests: Iterable[Request]) -> dict[str, list[tuple]]:
+    """Per kind, the keys a perfect cache would be asked for, in order."""
+    seen: set[tuple] = set()
+    version: dict[str, int] = defaultdict(int)
+    out: dict[str, list[tuple]] = defaultdict(list)
+
+    def ask(kind: str, key: tuple) -> bool:
+        out[kind].append(key)
+        if key in seen:
+            return True
+        seen.add(key)
+        return False
+
+    def embedding(text: str) -> None:
+        ask("embedding", ("e", normalise_text(text)))
+
+    def search(ns: str, query: str, top_k: int) -> None:
+        if not ask("search", ("s", ns, version[ns], normalise_text(query), top_k)):
+            embedding(query)
+
+    for req in requests:
+        body = req.body
+        if req.kind in ("embed", "unique-embed"):
+            texts = body["input"] if isinstance(body["input"], list) else [body["input"]]
+            for text in texts:
+                embedding(text)
+        elif req.kind == "search":
+            search(body["namespace"], body["query"], body["top_k"])
+        elif req.kind == "answer":
+            ns, q = body["namespace"], body["query"]
+            key = ("a", ns, version[ns], normalise_text(q), body["top_k"], body["max_tokens"])
+            if not ask("answer", key):
+                search(ns, q, body["top_k"])
+        elif req.kind == "add":
+            for item in body["items"]:
+                embedding(item["text"])
+            version[body["namespace"]] += 1
+    return out
+
+
+def best_hit_rates(
+    requests: Iterable[Request], capacity: int, warm_up: Iterable[Request] = ()
+) -> dict[str, dict]:
+    """{kind: {"lookups": n, "best_hit_rate": h}} for every kind looked up in `requests`,
+    after `warm_up` went through the cache first (not counted)."""
+    warm_up, requests = list(warm_up), list(requests)
+    warm = lookups(warm_up)
+    result = {}
+    for kind, keys in lookups(warm_up + requests).items():
+        skip = len(warm.get(kind, []))
+        ids: dict[tuple, int] = {}
+        trace = [ids.setdefault(k, len(ids)) for k in keys]
+        measured = len(trace) - skip
+        if measured <= 0:
+            continue
+        if len(ids) <= capacity:  # all fits: only first uses miss
+            first_seen = set(trace[:skip])
+            hits = 0
+            for key in trace[skip:]:
+                hits += key in first_seen
+                first_seen.add(key)
+            best = hits / measured
+        else:  # more keys than room: Belady's rate over the whole trace, warm-up included
+            best = belady_hit_rate(trace, capacity)
+        result[kind] = {"lookups": measured, "distinct": len(ids), "best_hit_rate": best}
+    return result

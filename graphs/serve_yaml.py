@@ -1,0 +1,56 @@
+"""Reads a Serve YAML of Mneme applications into typed configs, the way `serve run` would
+build them, so that benchmarks and checks use the shipped files rather than copies."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from ray.serve import Application
+from ray.serve.schema import ServeDeploySchema
+
+from graphs.app import bind_graph
+from graphs.naive import naive_config
+from mneme.config import MnemeConfig, load_config
+
+CONFIG_LOADERS: dict[str, Callable[[dict[str, Any] | None], MnemeConfig]] = {
+    "graphs.app:build_app": load_config,
+    "graphs.naive:build_app": naive_config,
+}
+
+
+@dataclass(frozen=True)
+class MnemeApp:
+    """One Mneme application of a Serve YAML."""
+
+    name: str
+    route_prefix: str
+    config: MnemeConfig
+    deployment_options: dict[str, dict[str, Any]]
+
+    def bind(self) -> Application:
+        return bind_graph(self.config, self.deployment_options)
+
+
+def read_serve_yaml(path: str | Path) -> list[MnemeApp]:
+    """Every Mneme application of the file; ValueError (naming the field) when invalid."""
+    raw = yaml.safe_load(Path(path).read_text())
+    schema = ServeDeploySchema.model_validate(raw)
+    apps = []
+    for application in schema.applications:
+        loader = CONFIG_LOADERS.get(application.import_path)
+        if loader is None:
+            continue
+        try:
+            config = loader(application.args)
+        except ValueError as exc:
+            raise ValueError(f"application {application.name!r}: {exc}") from None
+        options = {
+            d.name: d.model_dump(exclude_unset=True, exclude={"name"})
+            for d in application.deployments
+        }
+        apps.append(MnemeApp(application.name, application.route_prefix or "/", config, options))
+    return apps

@@ -1,0 +1,115 @@
+"""Merging concurrent calls into one: fewer handle and actor calls per HTTP request.
+
+On these 2 cores the per-call overhead of Ray Serve, not the model, is what binds
+(DESIGN.md). A `Coalescer` sits in the Router in front of one downstream call that takes a
+list (texts to embed, keys to look up): a submission that finds nothing in flight goes at
+once (no window, so a lone request never waits); submissions made while `max_in_flight`
+calls are running wait, and all of them go together as the next call. The batch grows with
+load by itself, with no timer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+Split = Callable[[Any, list[int]], list[Any]]
+
+
+def split_list(result: Sequence[Any], sizes: list[int]) -> list[list[Any]]:
+    """The default split: consecutive slices of a list result."""
+    out, start = [], 0
+    for size in sizes:
+        out.append(list(result[start : start + size]))
+        start += size
+    return out
+
+
+class Coalescer:
+    """`submit(items)` returns a future of `call`'s result for those items alone."""
+
+    def __init__(
+        self,
+        call: Callable[[list[Any]], Awaitable[Any]],
+        split: Split = split_list,
+        max_in_flight: int = 1,
+        max_items: int = 256,
+    ):
+        self._call = call
+        self._split = split
+        self.max_in_flight = max_in_flight
+        self.max_items = max_items
+        self._pending: deque[tuple[list[Any], asyncio.Future]] = deque()
+        self._tasks: set[asyncio.Task] = set()
+        self.in_flight = 0
+        self.calls = 0
+        self.submissions = 0
+        self.items = 0
+
+    def submit(self, items: list[Any]) -> asyncio.Future:
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append((items, future))
+        self.submissions += 1
+        if self.in_flight < self.max_in_flight:
+            self._start()
+        return future
+
+    def _start(self) -> None:
+        batch: list[tuple[list[Any], asyncio.Future]] = []
+        size = 0
+        while self._pending:
+            items, future = self._pending[0]
+            if batch and size + len(items) > self.max_items:
+                break
+            self._pending.popleft()
+            if not future.cancelled():  # its caller gave up while it waited
+                batch.append((items, future))
+                size += len(items)
+        if not batch:
+            return
+        self.in_flight += 1
+        self.calls += 1
+        self.items += size
+        task = asyncio.create_task(self._run(batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, batch: list[tuple[list[Any], asyncio.Future]]) -> None:
+        try:
+            flat = [item for items, _ in batch for item in items]
+            try:
+                result = await self._call(flat)
+                parts = self._split(result, [len(items) for items, _ in batch])
+            except BaseException as exc:  # every caller of the merged call sees its failure
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc if isinstance(exc, Exception) else _gone())
+                if not isinstance(exc, Exception):
+                    raise
+                return
+            for (_, future), part in zip(batch, parts, strict=True):
+                if not future.done():
+                    future.set_result(part)
+        finally:
+            self.in_flight -= 1
+            if self._pending and self.in_flight < self.max_in_flight:
+                self._start()
+
+    def stats(self) -> dict[str, float]:
+        return {
+            "calls": self.calls,
+            "submissions": self.submissions,
+            "items": self.items,
+            "submissions_per_call": self.submissions / self.calls if self.calls else 0.0,
+        }
+
+
+def _gone() -> Exception:
+    return RuntimeError("the merged call was cancelled (shutting down?)")
+
+
+def fire_and_forget(future: asyncio.Future) -> None:
+    """For a submission nobody awaits: retrieve its exception so asyncio does not warn."""
+    future.add_done_callback(lambda f: f.cancelled() or f.exception())

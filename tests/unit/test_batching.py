@@ -1,0 +1,102 @@
+"""The adaptive batch window and the gate that admits calls to `@serve.batch`."""
+
+from __future__ import annotations
+
+import pytest
+
+from mneme.batching import AdaptiveWindow, BatchGate
+from mneme.config import BatchConfig, MnemeConfig, load_config
+from mneme.stats import Occupancy
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class RecordingBatchMethod:
+    """Stands in for a `@serve.batch` method: records the knobs the gate sets on it."""
+
+    def __init__(self) -> None:
+        self.max_batch_size = None
+        self.timeouts: list[float] = []
+
+    def set_max_batch_size(self, size: int) -> None:
+        self.max_batch_size = size
+
+    def set_batch_wait_timeout_s(self, timeout: float) -> None:
+        self.timeouts.append(timeout)
+
+
+def arrivals(window: AdaptiveWindow, clock: Clock, gap_s: float, n: int) -> None:
+    for _ in range(n):
+        clock.now += gap_s
+        window.observe()
+
+
+def test_window_grows_with_load_up_to_the_maximum():
+    clock = Clock()
+    window = AdaptiveWindow(clock=clock)
+    assert window.window_s(0.05, 32) == 0.0  # nothing seen yet: no reason to wait
+    arrivals(window, clock, 0.1, 100)  # 10 calls/s: 0.5 calls per 50 ms window
+    slow = window.window_s(0.05, 32)
+    arrivals(window, clock, 0.005, 200)  # 200 calls/s: 10 calls per window
+    busy = window.window_s(0.05, 32)
+    arrivals(window, clock, 0.0005, 400)  # 2000 calls/s: a full batch in 16 ms
+    flooded = window.window_s(0.05, 32)
+    assert slow == pytest.approx(0.05 * 0.5 / 32, rel=0.05)
+    assert busy == pytest.approx(0.05 * 10 / 32, rel=0.05)
+    assert slow < busy < flooded == 0.05
+
+
+def test_gate_runs_a_call_at_once_only_when_the_replica_is_idle():
+    clock = Clock()
+    method = RecordingBatchMethod()
+    gate = BatchGate(method, BatchConfig(max_batch_size=8, batch_wait_timeout_s=0.05), clock)
+    assert method.max_batch_size == 8
+    with gate.admit() as first:
+        clock.now += 0.1  # 10 calls/s: a 50 ms window would collect half a call
+        with gate.admit() as second:
+            assert (first, second) == (True, False)
+            assert gate.active == 2
+        assert method.timeouts[-1] < 0.05  # the window was sized from the load
+    with gate.admit() as again:
+        assert again is True
+    assert gate.active == 0 and gate.stats()["dispatched_at_once"] == 2
+
+
+def test_gate_with_a_fixed_window_never_skips_it():
+    method = RecordingBatchMethod()
+    gate = BatchGate(method, BatchConfig(batch_wait_timeout_s=0.05, adaptive=False))
+    with gate.admit() as at_once:
+        assert at_once is False
+    assert method.timeouts == [0.05]
+    gate.apply(BatchConfig(batch_wait_timeout_s=0.01, adaptive=True))
+    assert method.timeouts[-1] == 0.01 and gate.stats()["adaptive"] is True
+
+
+def test_vector_search_refuses_an_adaptive_window():
+    assert MnemeConfig().vector_search.batch.adaptive is False
+    with pytest.raises(ValueError, match="args.vector_search.batch"):
+        load_config({"vector_search": {"batch": {"adaptive": True}}})
+
+
+def test_occupancy_is_time_weighted():
+    clock = Clock()
+    meter = Occupancy(clock)
+    clock.now = 1.0
+    meter.enter()  # 1 in flight for 1 s
+    clock.now = 2.0
+    meter.enter()  # 2 in flight for 1 s
+    clock.now = 3.0
+    meter.exit()
+    meter.exit()
+    clock.now = 10.0  # idle
+    summary = meter.summary()
+    assert summary["busy_s"] == pytest.approx(2.0)
+    assert summary["uptime_s"] == pytest.approx(10.0)
+    assert summary["mean_in_flight_when_busy"] == pytest.approx(1.5)
+    assert summary["in_flight"] == 0

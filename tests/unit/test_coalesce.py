@@ -1,0 +1,122 @@
+"""Merging concurrent calls: at once when idle, together when busy, failures to everyone."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from cache.client import split_lookup
+from cache.shard import Lookup
+from mneme.coalesce import Coalescer, fire_and_forget
+
+
+class GatedCall:
+    """A downstream whose calls finish only when the test opens the gate; records batches."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.gate = asyncio.Event()
+        self.fail: Exception | None = None
+
+    async def __call__(self, items: list[int]) -> list[int]:
+        self.batches.append(list(items))
+        await self.gate.wait()
+        if self.fail is not None:
+            raise self.fail
+        return [item * 10 for item in items]
+
+
+def test_a_lone_submission_goes_at_once_and_later_ones_merge():
+    async def scenario():
+        call = GatedCall()
+        merger = Coalescer(call, max_in_flight=1)
+        first = merger.submit([1])
+        await asyncio.sleep(0)
+        assert call.batches == [[1]]  # nothing in flight: no waiting
+        rest = [merger.submit([2, 3]), merger.submit([4])]
+        await asyncio.sleep(0)
+        assert call.batches == [[1]]  # busy: they wait for the call in flight
+        call.gate.set()
+        assert await first == [10]
+        assert await asyncio.gather(*rest) == [[20, 30], [40]]
+        assert call.batches == [[1], [2, 3, 4]]
+        assert merger.stats()["calls"] == 2 and merger.stats()["submissions"] == 3
+
+    asyncio.run(scenario())
+
+
+def test_max_items_splits_a_merge_and_in_flight_follows_the_limit():
+    async def scenario():
+        call = GatedCall()
+        merger = Coalescer(call, max_in_flight=2, max_items=3)
+        futures = [merger.submit([i, i]) for i in range(4)]
+        await asyncio.sleep(0)
+        assert len(call.batches) == 2  # two calls may be in flight at once
+        call.gate.set()
+        assert await asyncio.gather(*futures) == [[i * 10, i * 10] for i in range(4)]
+        assert all(len(batch) <= 3 for batch in call.batches)
+
+    asyncio.run(scenario())
+
+
+def test_a_failure_reaches_every_merged_caller_and_the_next_call_still_runs():
+    async def scenario():
+        call = GatedCall()
+        merger = Coalescer(call)
+        first = merger.submit([1])
+        await asyncio.sleep(0)
+        merged = [merger.submit([2]), merger.submit([3])]
+        call.fail = RuntimeError("replica died")
+        call.gate.set()
+        for future in [first, *merged]:
+            with pytest.raises(RuntimeError, match="replica died"):
+                await future
+        call.fail = None
+        assert await merger.submit([5]) == [50]
+        assert merger.in_flight == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_cancelled_waiter_is_dropped_from_the_merge():
+    async def scenario():
+        call = GatedCall()
+        merger = Coalescer(call)
+        first = merger.submit([1])
+        await asyncio.sleep(0)
+        gone, kept = merger.submit([2]), merger.submit([3])
+        gone.cancel()  # its caller's deadline passed while it waited
+        call.gate.set()
+        await first
+        assert await kept == [30]
+        assert call.batches == [[1], [3]]
+
+    asyncio.run(scenario())
+
+
+def test_fire_and_forget_swallows_a_failure_quietly():
+    async def scenario():
+        call = GatedCall()
+        call.fail = RuntimeError("cache gone")
+        call.gate.set()
+        future = Coalescer(call).submit([1])
+        fire_and_forget(future)
+        await asyncio.sleep(0.01)
+        assert future.done()
+
+    asyncio.run(scenario())
+
+
+def test_split_lookup_gives_a_shared_miss_to_its_first_asker_only():
+    merged = Lookup(
+        keys=["a", "b", "a", "c", "b"],
+        found={"c": (b"v", "hit-l1")},
+        owned=["a"],
+        pending=["b"],
+    )
+    first, second, third = split_lookup(merged, [2, 2, 1])
+    assert (first.keys, first.owned, first.pending) == (["a", "b"], ["a"], ["b"])
+    assert (second.keys, second.owned, second.pending) == (["a", "c"], [], ["a"])
+    assert second.found["c"] == (b"v", "hit-l1")
+    assert (third.keys, third.owned, third.pending) == (["b"], [], ["b"])

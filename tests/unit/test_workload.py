@@ -1,0 +1,76 @@
+"""The benchmark's workload generator and the best-possible hit rate of a trace."""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+
+import pytest
+
+from benchmarks.hit_bound import best_hit_rates
+from benchmarks.workload import Request, Trace, UniqueTexts, WorkloadSpec, corpus_requests
+
+
+def take(trace, n: int) -> list[Request]:
+    return list(itertools.islice(trace, n))
+
+
+def test_a_trace_is_deterministic_per_stream_and_differs_across_streams():
+    spec = WorkloadSpec()
+    assert take(Trace(spec, 3), 200) == take(Trace(spec, 3), 200)
+    assert take(Trace(spec, 3), 200) != take(Trace(spec, 4), 200)
+
+
+def test_a_trace_follows_the_mix_and_the_skew():
+    spec = WorkloadSpec(mix={"embed": 0.5, "search": 0.5}, query_skew=1.2, session_repeat=0.0)
+    requests = take(Trace(spec, 0), 4000)
+    kinds = Counter(r.kind for r in requests)
+    assert set(kinds) == {"embed", "search"}
+    assert abs(kinds["embed"] / 4000 - 0.5) < 0.05
+    queries = Counter(r.body.get("query") or r.body.get("input") for r in requests)
+    top_share = sum(n for _, n in queries.most_common(10)) / 4000
+    assert top_share > 0.3  # Zipf 1.2 over 400 questions: the top 10 are a third of traffic
+    assert {r.priority for r in requests} == set(spec.priorities)
+
+
+def test_corpus_and_unique_texts_never_repeat():
+    spec = WorkloadSpec(namespaces=3, corpus_size=120)
+    adds = list(corpus_requests(spec, chunk=50))
+    texts = [item["text"] for r in adds for item in r.body["items"]]
+    assert len(adds) == 9 and len(texts) == len(set(texts)) == 360
+    unique = take(UniqueTexts("/v1/embeddings", 4), 50)
+    flat = [t for r in unique for t in r.body["input"]]
+    assert len(flat) == len(set(flat)) == 200
+
+
+def embed(text: str) -> Request:
+    return Request("embed", "/v1/embeddings", {"input": text}, "normal")
+
+
+def search(ns: str, query: str) -> Request:
+    body = {"namespace": ns, "query": query, "top_k": 5}
+    return Request("search", "/v1/memories/search", body, "normal")
+
+
+def add(ns: str) -> Request:
+    return Request("add", "/v1/memories", {"namespace": ns, "items": [{"text": "x"}]}, "low")
+
+
+def test_best_hit_rates_follow_the_routers_lookups_and_versions():
+    trace = [
+        search("a", "Q"),  # search miss, embedding miss
+        search("a", "  Q "),  # whitespace normalised: the same search key -> hit
+        search("b", "Q"),  # another namespace: search miss, embedding hit
+        add("a"),  # embedding miss ("x"); a's version bumps
+        search("a", "Q"),  # stale search key: miss; embedding hit
+        embed("Q"),  # embedding hit
+    ]
+    best = best_hit_rates(trace, capacity=1000)
+    assert best["search"]["best_hit_rate"] == pytest.approx(1 / 4)
+    assert best["embedding"]["lookups"] == 5  # Q, Q, x, Q, Q (the hit search asks nothing)
+    assert best["embedding"]["best_hit_rate"] == pytest.approx(3 / 5)
+
+
+def test_warm_up_is_replayed_but_not_counted():
+    best = best_hit_rates([embed("a"), embed("b")], capacity=1000, warm_up=[embed("a")])
+    assert best["embedding"] == {"lookups": 2, "distinct": 2, "best_hit_rate": 0.5}
