@@ -229,7 +229,11 @@ class Bench:
         run = self.workload.run
         secs = str(self.seconds)
         self.step(f"{name}: starting Ray Serve and vLLM")
-        with served_app(app.bind) as url, httpx.Client(base_url=url, timeout=60) as http:
+        with (
+            tempfile.TemporaryDirectory(prefix=f"mneme-{name}-") as data_dir,  # starts empty
+            served_app(app.with_data_dir(data_dir).bind) as url,
+            httpx.Client(base_url=url, timeout=60) as http,
+        ):
             sampler = StatsSampler(http)
             cpu = CpuMeter(self.workload)
             out["idle_cores"] = cpu.idle_cores()

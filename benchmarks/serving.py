@@ -40,11 +40,16 @@ def build_noop_app():
 @contextlib.contextmanager
 def served_graph(mneme_args: dict[str, Any], options: dict | None = None) -> Iterator[str]:
     """Ray + Serve on a free port: Mneme (from YAML-style args) at `/`, no-op at `/noop`."""
+    import tempfile
+
     from graphs.app import bind_graph
     from mneme.config import load_config
 
-    with served_app(lambda: bind_graph(load_config(mneme_args), options)) as base_url:
-        yield base_url
+    with tempfile.TemporaryDirectory(prefix="mneme-bench-") as data_dir:
+        args = {**mneme_args}
+        args.setdefault("vector_search", {}).setdefault("storage", {"data_dir": data_dir})
+        with served_app(lambda: bind_graph(load_config(args), options)) as base_url:
+            yield base_url
 
 
 @contextlib.contextmanager

@@ -11,6 +11,7 @@ from ray import serve
 
 from deployments.replica import max_ongoing_requests
 from mneme.config import BatchConfig, VectorSearchConfig, parse_batch_config
+from mneme.durable import DurableStore
 from mneme.index import MemoryStore
 from mneme.records import BatchStats, MemoryPage, NewMemory, SearchHit, SearchQuery, StoredMemory
 
@@ -20,11 +21,17 @@ from mneme.records import BatchStats, MemoryPage, NewMemory, SearchHit, SearchQu
     ray_actor_options={"num_cpus": 0.25},
 )
 class VectorSearch:
-    """Holds every namespace's index. One replica: the store lives in its memory."""
+    """Every namespace's index: a view of the memory log (`mneme/durable.py`) when
+    `storage.data_dir` is set, so replicas sharing that directory serve the same memories."""
 
     def __init__(self, config: VectorSearchConfig):
         self._config = config
-        self._store = MemoryStore()
+        storage = config.storage
+        data_dir = storage.resolved_data_dir()
+        if data_dir is None:
+            self._store: MemoryStore | DurableStore = MemoryStore()
+        else:  # replays the log after the newest snapshot before serving anything
+            self._store = DurableStore(data_dir, storage.synchronous, storage.snapshot_every_writes)
         self._stats = BatchStats()
         self._batch = config.batch
         self._apply(config.batch)
@@ -78,11 +85,19 @@ class VectorSearch:
                 results[i] = hits[: queries[i].top_k]
         return results
 
+    async def check_health(self) -> None:
+        """Unhealthy (Serve restarts the replica) when the log cannot be followed."""
+        if isinstance(self._store, DurableStore):
+            self._store.catch_up()
+            if self._store.lag() > 0:
+                raise RuntimeError(f"{self._store.lag()} logged writes not applied")
+
     async def stats(self) -> dict:
         return {
             **self._stats.summary(),
             **self._batch.model_dump(),
             **self._store.stats(),
+            "replica": serve.get_replica_context().replica_id.unique_id,
             "max_ongoing_requests": max_ongoing_requests(),
         }
 

