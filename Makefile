@@ -12,7 +12,7 @@ export TRANSFORMERS_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH := deployments.http_errors:proxy_middlewares
 
-.PHONY: install run test test-fast bench lint format clean peer
+.PHONY: install run test test-fast bench lint format clean peer import
 
 install: $(INSTALLED) $(MODEL_DIR)/config.json
 
@@ -47,6 +47,11 @@ bench: install
 # The peer embedding server (Infinity) in its own venv, .venv-infinity: its pins clash with ours.
 peer: $(INSTALLED)
 	$(BIN)/python -c "from benchmarks.peer import ROOT, ensure_infinity_venv; ensure_infinity_venv(ROOT)"
+
+# Bulk import of JSONL memories into a running Mneme: resumable (run it again after a crash).
+import: install
+	@test -n "$(FILE)" || (echo "usage: make import FILE=memories.jsonl [URL=...] [NAMESPACE=...]"; exit 2)
+	$(BIN)/python -m mneme.importer $(FILE) --url $(or $(URL),http://127.0.0.1:8000) $(if $(NAMESPACE),--namespace $(NAMESPACE))
 
 lint:
 	$(BIN)/ruff check .

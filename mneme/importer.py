@@ -1,0 +1,216 @@
+"""Bulk import of memories from JSONL into a running Mneme, resumable after any crash.
+
+    python -m mneme.importer memories.jsonl [--url http://127.0.0.1:8000] [--namespace NS]
+    make import FILE=memories.jsonl
+
+One JSON object per line: {"text": ..., "id"?: ..., "metadata"?: {...}, "namespace"?: ...}
+(`--namespace` for lines without one). Lines go in batches through `POST /v1/memories`, a
+few batches in flight. Progress is checkpointed in `<file>.import-state.json` after every
+contiguous run of acknowledged lines, so a re-run continues where the last one stopped; and
+since a line without an id gets one derived from the file's digest and its line number, a
+line sent twice (acknowledged but not yet checkpointed when the crash came) replaces itself
+instead of being stored twice. A 503 or a lost connection is retried (after Retry-After); a
+line the server refuses (4xx) stops the import with its line number and the server's reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import sys
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from tqdm import tqdm
+
+
+class ImportFailed(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Batch:
+    first_line: int  # 1-based line number of the first item
+    last_line: int
+    namespace: str
+    items: list[dict[str, Any]]
+
+
+def file_digest(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+def read_batches(
+    path: Path, digest: str, start_line: int, default_ns: str | None, size: int
+) -> Iterator[Batch]:
+    """Batches of consecutive lines of one namespace, from line `start_line + 1` on."""
+    items: list[dict[str, Any]] = []
+    first, namespace = 0, None
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if number <= start_line or not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                    raise ValueError('expected an object with a "text" string')
+            except ValueError as exc:
+                raise ImportFailed(f"{path}:{number}: {exc}") from None
+            ns = record.get("namespace", default_ns)
+            if not isinstance(ns, str):
+                raise ImportFailed(f"{path}:{number}: no namespace (give --namespace)")
+            item = {
+                "id": str(record.get("id") or f"import-{digest[:12]}-{number}"),
+                "text": record["text"],
+                "metadata": record.get("metadata") or {},
+            }
+            if items and (ns != namespace or len(items) >= size):
+                yield Batch(first, number - 1, namespace, items)
+                items = []
+            if not items:
+                first, namespace = number, ns
+            items.append(item)
+            last = number
+    if items:
+        yield Batch(first, last, namespace, items)
+
+
+class Checkpoint:
+    """`<file>.import-state.json`: how many lines of which file version are acknowledged."""
+
+    def __init__(self, path: Path, digest: str):
+        self.path = path.with_name(path.name + ".import-state.json")
+        self.digest = digest
+        self.lines_done = 0
+        if self.path.exists():
+            state = json.loads(self.path.read_text())
+            if state.get("sha256") == digest:
+                self.lines_done = int(state["lines_done"])
+
+    def save(self, lines_done: int) -> None:
+        self.lines_done = lines_done
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"sha256": self.digest, "lines_done": lines_done}))
+        tmp.replace(self.path)
+
+
+async def send(client: httpx.AsyncClient, batch: Batch, path: Path, retries: int) -> None:
+    body = {"namespace": batch.namespace, "items": batch.items}
+    for attempt in range(retries + 1):
+        try:
+            r = await client.post("/v1/memories", json=body, headers={"X-Priority": "background"})
+        except httpx.TransportError as exc:
+            if attempt == retries:
+                raise ImportFailed(f"lines {batch.first_line}-{batch.last_line}: {exc}") from exc
+            await asyncio.sleep(min(2**attempt, 10))
+            continue
+        if r.status_code == 200:
+            return
+        if r.status_code in (429, 503, 504) and attempt < retries:
+            await asyncio.sleep(float(r.headers.get("retry-after", 1)))
+            continue
+        error = r.json().get("error", {}) if "json" in r.headers.get("content-type", "") else {}
+        where = f"{path}:{batch.first_line}-{batch.last_line}"
+        param = error.get("param") or ""
+        if param.startswith("items["):  # items[i]... -> the line it came from
+            index = int(param[6 : param.index("]")])
+            where = f"{path}:{batch.first_line + index}"
+        raise ImportFailed(f"{where}: HTTP {r.status_code}: {error.get('message', r.text)}")
+
+
+async def run_import(
+    path: Path,
+    url: str,
+    namespace: str | None = None,
+    batch_size: int = 64,
+    in_flight: int = 4,
+    retries: int = 8,
+    progress: bool = True,
+) -> dict[str, int]:
+    digest = file_digest(path)
+    checkpoint = Checkpoint(path, digest)
+    with open(path, encoding="utf-8") as f:
+        total = sum(1 for _ in f)
+    bar = tqdm(total=total, initial=checkpoint.lines_done, unit="line", file=sys.stderr,
+               disable=not progress)  # fmt: skip
+    issued: deque[Batch] = deque()  # in file order; the checkpoint follows its acked head
+    acked: set[int] = set()
+    sent = 0
+
+    def acknowledge(batch: Batch) -> None:
+        acked.add(batch.first_line)
+        while issued and issued[0].first_line in acked:
+            head = issued.popleft()
+            acked.discard(head.first_line)
+            bar.update(head.last_line - checkpoint.lines_done)
+            checkpoint.save(head.last_line)
+
+    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+
+        async def one(batch: Batch) -> Batch:
+            await send(client, batch, path, retries)
+            return batch
+
+        pending: set[asyncio.Task] = set()
+        try:
+            for batch in read_batches(path, digest, checkpoint.lines_done, namespace, batch_size):
+                if len(pending) >= in_flight:
+                    done, pending = await asyncio.wait(pending, return_when="FIRST_COMPLETED")
+                    for task in done:
+                        acknowledge(task.result())
+                issued.append(batch)
+                pending.add(asyncio.create_task(one(batch)))
+                sent += len(batch.items)
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when="FIRST_COMPLETED")
+                for task in done:
+                    acknowledge(task.result())
+        finally:
+            for task in pending:
+                task.cancel()
+            bar.close()
+    if checkpoint.lines_done < total:  # trailing blank lines
+        checkpoint.save(total)
+    return {"lines": total, "sent": sent, "lines_done": checkpoint.lines_done}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("file", type=Path)
+    parser.add_argument("--url", default="http://127.0.0.1:8000")
+    parser.add_argument("--namespace", help="for lines without a namespace")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--in-flight", type=int, default=4)
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        result = asyncio.run(
+            run_import(
+                args.file,
+                args.url,
+                args.namespace,
+                args.batch_size,
+                args.in_flight,
+                progress=not args.no_progress,
+            )
+        )
+    except ImportFailed as exc:
+        print(f"import stopped: {exc}", file=sys.stderr)
+        print("fix it and run the same command again: it resumes after the last acknowledged line")
+        return 1
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
