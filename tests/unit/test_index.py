@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from mneme.config import IndexConfig
 from mneme.index import MemoryStore, NamespaceIndex, matches
 from mneme.records import NewMemory
 
@@ -111,3 +112,26 @@ def test_namespaces_never_see_each_other():
 )
 def test_equality_filter(meta, flt, ok):
     assert matches(meta, flt) is ok
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_a_namespace_becomes_approximate_at_its_size_threshold_and_keeps_its_ids(kind):
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((400, 32)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    config = IndexConfig(kind=kind, min_size=200, rebuild_tombstone_share=0.1)
+    index = NamespaceIndex("ns", 32, config)
+    index.upsert([NewMemory(f"m{i}", f"t{i}") for i in range(199)], vectors[:199])
+    assert index.kind == "flat"
+    index.upsert([NewMemory(f"m{i}", f"t{i}") for i in range(199, 400)], vectors[199:])
+    assert index.kind == kind
+    for i in range(0, 100):  # past the tombstone share: HNSW rebuilds, IVF removes
+        assert index.delete(f"m{i}")
+    assert index._index.ntotal < 400 or kind == "hnsw" and index._tombstones
+    hits = index.search(vectors[:150], 1)
+    assert all(row[0].id not in {f"m{i}" for i in range(100)} for row in hits)
+    found = sum(row[0].id == f"m{i}" for i, row in enumerate(hits) if i >= 100)
+    assert found >= 48  # its own vector comes back first (recall on 50 queries)
+    restored = NamespaceIndex.from_state(index.state(), config)
+    assert restored.kind == kind and len(restored) == 300
+    assert restored.get("m250").text == "t250"
