@@ -29,6 +29,16 @@ class ServedApp:
         return httpx.Client(base_url=self.base_url, timeout=timeout)
 
 
+_deploy = None  # deploys the session's application (set by `served`)
+
+
+def redeploy() -> None:
+    """`serve.run` of the session's application again, as first deployed (after a test
+    deleted it); returns once every replica is up."""
+    assert _deploy is not None, "the served fixture has not deployed anything yet"
+    _deploy()
+
+
 @pytest.fixture(scope="session")
 def served(tmp_path_factory) -> Iterator[ServedApp]:
     os.environ["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] = (
@@ -63,7 +73,12 @@ def served(tmp_path_factory) -> Iterator[ServedApp]:
                 },
             }
         )
-        serve.run(bind_graph(config, options), name=APP_NAME, route_prefix="/")
+        global _deploy
+
+        def _deploy() -> None:
+            serve.run(bind_graph(config, options), name=APP_NAME, route_prefix="/")
+
+        _deploy()
         yield ServedApp(f"http://127.0.0.1:{port}", redis_server, data_dir)
     finally:
         serve.shutdown()

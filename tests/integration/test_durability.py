@@ -135,3 +135,124 @@ def test_memories_survive_a_restarted_application_and_replicas_agree(served, tmp
         assert handle.get.remote("ns", "id3").result() is None  # the delete survived too
     finally:
         serve.delete(name)
+
+
+class AddStream(threading.Thread):
+    """Calls `send(memory_id)` with new ids until `finish()`, keeping the acknowledged ones."""
+
+    def __init__(self, send):
+        super().__init__(daemon=True)
+        self.send = send
+        self.acknowledged: list[str] = []
+        self.refused = 0
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        i = 0
+        while not self._done.is_set():
+            try:
+                ok = self.send(f"m{i}")
+            except Exception:  # a refused or failed call: not acknowledged
+                ok = False
+            if ok:
+                self.acknowledged.append(f"m{i}")
+            else:
+                self.refused += 1
+                time.sleep(0.05)
+            i += 1
+
+    def finish(self) -> AddStream:
+        self._done.set()
+        self.join()
+        return self
+
+
+def test_acknowledged_adds_survive_a_full_application_restart_mid_stream(served, http):
+    """`serve.delete` of the whole graph (vLLM included) and `serve.run` again while a client
+    keeps adding: every acknowledged memory is there afterwards, none twice."""
+    from tests.integration.conftest import APP_NAME, redeploy
+
+    namespace = f"restart-{uuid.uuid4().hex[:8]}"
+
+    def send(memory_id: str) -> bool:
+        with served.client(timeout=10) as client:
+            item = {"id": memory_id, "text": f"kept across restarts: {memory_id}"}
+            r = client.post("/v1/memories", json={"namespace": namespace, "items": [item]})
+            return r.status_code == 200
+
+    writer = AddStream(send)
+    writer.start()
+    time.sleep(1.0)
+    started = time.monotonic()
+    serve.delete(APP_NAME)
+    redeploy()
+    restart_s = time.monotonic() - started
+    time.sleep(1.0)
+    writer.finish()
+    stored = listed_ids(http, namespace)
+    lost = set(writer.acknowledged) - set(stored)
+    print(
+        f"\nacknowledged {len(writer.acknowledged)}, refused {writer.refused}, stored "
+        f"{len(stored)}, lost {len(lost)}, application back in {restart_s:.1f} s"
+    )
+    assert writer.acknowledged and not lost and len(stored) == len(set(stored))
+
+
+@pytest.mark.redis
+def test_acknowledged_adds_survive_redis_killed_mid_stream_with_the_log_in_redis(tmp_path):
+    """The log in Redis Streams (AOF, appendfsync always): Redis is SIGKILLed and restarted
+    while adds stream in (redis-py's retries may carry calls over the gap), then the
+    VectorSearch replica is killed too: nothing acknowledged is lost or doubled."""
+    from tests.redis_server import RedisServer
+
+    redis = RedisServer(appendfsync="always").start()
+    name = f"redislog-{uuid.uuid4().hex[:6]}"
+    storage = StorageConfig(data_dir=str(tmp_path), redis_url=redis.url)
+    try:
+        handle = serve.run(
+            VectorSearch.bind(VectorSearchConfig(storage=storage)), name=name, route_prefix=None
+        )
+        vector = np.ones((1, 384), dtype=np.float32) / np.sqrt(384)
+
+        def send(memory_id: str) -> bool:
+            item = NewMemory(memory_id, f"text of {memory_id}")
+            return handle.upsert.remote("ns", [item], vector).result(timeout_s=10) == [memory_id]
+
+        writer = AddStream(send)
+        writer.start()
+        time.sleep(1.0)
+        before_kill = len(writer.acknowledged)
+        redis.stop()  # SIGKILL
+        time.sleep(1.0)
+        redis.start()  # the AOF is replayed
+        time.sleep(1.5)
+        writer.finish()
+        [pid] = [
+            p.pid
+            for p in psutil.process_iter(["cmdline"])
+            if f"ServeReplica:{name}:VectorSearch" in " ".join(p.info["cmdline"] or [])
+        ]
+        os.kill(pid, signal.SIGKILL)  # the replica restarts from the snapshot + Redis
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                page = handle.page.remote("ns", 100_000, None).result(timeout_s=10)
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        stored = [m.id for m in page.memories]
+        lost = set(writer.acknowledged) - set(stored)
+        print(
+            f"\nacknowledged {len(writer.acknowledged)} ({before_kill} before Redis was "
+            f"killed), refused {writer.refused}, stored {len(stored)}, lost {len(lost)}"
+        )
+        # no snapshot was taken (fewer writes than snapshot_every_writes): the new replica
+        # got every memory, those before the kill included, from Redis's AOF
+        assert before_kill > 0 and len(writer.acknowledged) > before_kill
+        assert not lost
+        assert len(stored) == len(set(stored))
+    finally:
+        serve.delete(name)
+        redis.cleanup()
