@@ -29,9 +29,15 @@ class VectorSearch:
         storage = config.storage
         data_dir = storage.resolved_data_dir()
         if data_dir is None:
-            self._store: MemoryStore | DurableStore = MemoryStore()
+            self._store: MemoryStore | DurableStore = MemoryStore(index_config=config.index)
         else:  # replays the log after the newest snapshot before serving anything
-            self._store = DurableStore(data_dir, storage.synchronous, storage.snapshot_every_writes)
+            self._store = DurableStore(
+                data_dir,
+                storage.synchronous,
+                storage.snapshot_every_writes,
+                config.index,
+                storage.redis_url,
+            )
         self._stats = BatchStats()
         self._batch = config.batch
         self._apply(config.batch)

@@ -15,7 +15,7 @@ import pytest
 from ray import serve
 
 from deployments.vector_search import VectorSearch
-from mneme.config import StorageConfig, VectorSearchConfig
+from mneme.config import IndexConfig, StorageConfig, VectorSearchConfig
 from mneme.records import NewMemory, SearchQuery
 
 pytestmark = pytest.mark.slow
@@ -97,7 +97,10 @@ def test_acknowledged_adds_survive_a_replica_killed_mid_stream(served, http):
 
 def test_memories_survive_a_restarted_application_and_replicas_agree(served, tmp_path):
     """A VectorSearch-only application (no vLLM, so it restarts in seconds) on its own log."""
-    config = VectorSearchConfig(storage=StorageConfig(data_dir=str(tmp_path), synchronous="FULL"))
+    config = VectorSearchConfig(
+        storage=StorageConfig(data_dir=str(tmp_path), synchronous="FULL"),
+        index=IndexConfig(kind="ivf", min_size=20),  # small: one list, so still exact
+    )
     name = f"durable-{uuid.uuid4().hex[:6]}"
     rng = np.random.default_rng(0)
     vectors = rng.standard_normal((40, 384)).astype(np.float32)
@@ -133,6 +136,7 @@ def test_memories_survive_a_restarted_application_and_replicas_agree(served, tmp
         page = handle.page.remote("ns", 100, None).result()
         assert sorted(m.id for m in page.memories) == sorted(f"id{i}" for i in range(40) if i != 3)
         assert handle.get.remote("ns", "id3").result() is None  # the delete survived too
+        assert handle.stats.remote().result()["index_kinds"] == {"ivf": 1}
     finally:
         serve.delete(name)
 
@@ -212,6 +216,7 @@ def test_acknowledged_adds_survive_redis_killed_mid_stream_with_the_log_in_redis
         handle = serve.run(
             VectorSearch.bind(VectorSearchConfig(storage=storage)), name=name, route_prefix=None
         )
+        assert handle.stats.remote().result()["log"] == "RedisMemoryLog"
         vector = np.ones((1, 384), dtype=np.float32) / np.sqrt(384)
 
         def send(memory_id: str) -> bool:
