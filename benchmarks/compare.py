@@ -350,10 +350,10 @@ def ratios(results: dict[str, Any]) -> dict[str, float]:
         "p50_reduction": 1 - a_open["p50_ms"] / n_open["p50_ms"],
         "p95_reduction": 1 - a_open["p95_ms"] / n_open["p95_ms"],
         "cost_per_request_ratio_common_load": a_open["cpu_s_per_1000"] / n_open["cpu_s_per_1000"],
-        "cost_per_request_ratio_at_peak": busiest(aware)["cpu_s_per_1000"]
-        / busiest(naive)["cpu_s_per_1000"],
-        "cpu_s_per_1000_at_peak_aware": busiest(aware)["cpu_s_per_1000"],
-        "cpu_s_per_1000_at_peak_naive": busiest(naive)["cpu_s_per_1000"],
+        "cost_per_request_ratio_at_peak": plots.busiest(aware)["cpu_s_per_1000"]
+        / plots.busiest(naive)["cpu_s_per_1000"],
+        "cpu_s_per_1000_at_peak_aware": plots.busiest(aware)["cpu_s_per_1000"],
+        "cpu_s_per_1000_at_peak_naive": plots.busiest(naive)["cpu_s_per_1000"],
         "idle_cores_aware": sum(aware["idle_cores"].values()),
         "idle_cores_naive": sum(naive["idle_cores"].values()),
         "answer_served_without_compute": aware["cache"]
@@ -392,11 +392,6 @@ def ratios(results: dict[str, Any]) -> dict[str, float]:
         )
         out["lone_embed_p50_ms_peer"] = peer["lone_embed"]["p50_ms"]
     return out
-
-
-def busiest(graph: dict[str, Any]) -> dict[str, Any]:
-    """The open-loop phase that served the most: its CPU per request is the capacity cost."""
-    return max(graph["open_loop"], key=lambda r: r["throughput_rps"])
 
 
 def peak_qps(graph: dict[str, Any]) -> float:

@@ -114,7 +114,8 @@ def write_all(results: dict[str, Any], folder: Path, load_index: int | None = No
     return written
 
 
-def _busiest(graph: dict[str, Any]) -> dict[str, Any]:
+def busiest(graph: dict[str, Any]) -> dict[str, Any]:
+    """The open-loop phase that served the most: its CPU per request is the capacity cost."""
     return max(graph["open_loop"], key=lambda phase: phase["throughput_rps"])
 
 
@@ -210,7 +211,7 @@ def headline_table(results: dict[str, Any]) -> str:
 def cpu_table(results: dict[str, Any]) -> str:
     """Cores used per role in each graph's busiest open-loop phase, as Markdown."""
     graphs = results["graphs"]
-    phases = {name: _busiest(graph) for name, graph in graphs.items()}
+    phases = {name: busiest(graph) for name, graph in graphs.items()}
     roles = sorted({role for phase in phases.values() for role in phase["cpu_s_by_role"]})
     lines = [
         "| cores used by | " + " | ".join(LABELS[n] for n in graphs) + " |",

@@ -43,11 +43,12 @@ def served_graph(mneme_args: dict[str, Any], options: dict | None = None) -> Ite
     import tempfile
 
     from graphs.app import bind_graph
+    from graphs.naive import merged
     from mneme.config import load_config
 
     with tempfile.TemporaryDirectory(prefix="mneme-bench-") as data_dir:
-        args = {**mneme_args}
-        args.setdefault("vector_search", {}).setdefault("storage", {"data_dir": data_dir})
+        # a fresh memory log, unless the caller chose one
+        args = merged({"vector_search": {"storage": {"data_dir": data_dir}}}, mneme_args)
         with served_app(lambda: bind_graph(load_config(args), options)) as base_url:
             yield base_url
 

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import zlib
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import ray
 
-from cache.keys import KeyRequest
+from cache.keys import KeyRequest, bucket_of
 from cache.shard import CacheShard, Lookup
 from mneme.coalesce import Coalescer, fire_and_forget
 from mneme.config import CacheConfig, RouterConfig
@@ -105,7 +104,7 @@ class CacheClient:
         return self._shard_of_text(basis)
 
     def _shard_of_text(self, basis: str) -> int:
-        return zlib.crc32(basis.encode("utf-8", "surrogatepass")) % len(self.shards)
+        return bucket_of(basis, len(self.shards))
 
     async def _call(self, ref: Any, timeout_s: float | None = None) -> Any:
         return await asyncio.wait_for(_awaited(ref), timeout_s or self.config.actor_timeout_s)

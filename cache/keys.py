@@ -11,6 +11,7 @@ import enum
 import hashlib
 import json
 import unicodedata
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,11 @@ class KeyRequest:
     kind: Kind
     base: str
     namespace: str | None = None
+
+
+def bucket_of(text: str, buckets: int) -> int:
+    """A stable bucket for `text` (the same in every process and run, unlike `hash`)."""
+    return zlib.crc32(text.encode("utf-8", "surrogatepass")) % buckets
 
 
 def normalise_text(text: str) -> str:

@@ -46,15 +46,6 @@ DEPLOYMENT_NAMES = {
 _UNAVAILABLE = (ActorDiedError, ActorUnavailableError, RayActorError, DeploymentUnavailableError)
 
 
-def split_embeddings(result: Embeddings, sizes: list[int]) -> list[Embeddings]:
-    out, start = [], 0
-    for size in sizes:
-        end = start + size
-        out.append(Embeddings(result.vectors[start:end], result.token_counts[start:end]))
-        start = end
-    return out
-
-
 def _translate(exc: BaseException, name: str) -> Exception | None:
     if isinstance(exc, BackPressureError):
         return Overloaded(f"{name} is at capacity; retry shortly", retry_after_s=1.0)
@@ -88,7 +79,7 @@ class Downstreams:
         self.embed_coalescer = (
             Coalescer(
                 lambda texts: self.embedder.embed.remote(texts),
-                split=split_embeddings,
+                split=Embeddings.split,
                 max_in_flight=router.coalesce_max_in_flight,
                 max_items=router.coalesce_max_items,
             )

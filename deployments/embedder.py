@@ -70,12 +70,7 @@ class Embedder:
         with self._stats.batch(len(calls), len(flat)):
             # encode off the event loop, so new calls queue up for the next batch meanwhile
             vectors, tokens = await asyncio.to_thread(self._encode, flat)
-        out, start = [], 0
-        for texts in calls:
-            end = start + len(texts)
-            out.append(Embeddings(vectors[start:end], tokens[start:end]))
-            start = end
-        return out
+        return Embeddings(vectors, tokens).split([len(texts) for texts in calls])
 
     def _encode(self, texts: list[str]) -> tuple[np.ndarray, list[int]]:
         limit = self._model.max_seq_length

@@ -30,11 +30,12 @@ NAIVE_SWITCHES: dict[str, Any] = {
 }
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+def merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """A new dict: `base` with `over` applied, nested dicts merged key by key."""
     out = dict(base)
     for key, value in over.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merged(out[key], value)
         else:
             out[key] = value
     return out
@@ -42,7 +43,7 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 def naive_config(args: dict[str, Any] | None = None) -> MnemeConfig:
     """`args` (models, limits, ...) with every compute-aware switch forced off."""
-    return load_config(_merge(args or {}, NAIVE_SWITCHES))
+    return load_config(merged(args or {}, NAIVE_SWITCHES))
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:

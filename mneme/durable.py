@@ -18,7 +18,6 @@ import os
 import pickle
 import sqlite3
 import threading
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from cache.keys import bucket_of
 from mneme.config import IndexConfig
 from mneme.index import MemoryStore
 from mneme.records import MemoryPage, NewMemory, SearchHit, StoredMemory
@@ -105,9 +105,7 @@ class RedisMemoryLog:
         self.streams = [f"{prefix}:{g}" for g in range(groups)]
 
     def _stream(self, namespace: str) -> str:
-        return self.streams[
-            zlib.crc32(namespace.encode("utf-8", "surrogatepass")) % len(self.streams)
-        ]
+        return self.streams[bucket_of(namespace, len(self.streams))]
 
     def append(self, namespace: str, op: str, payload: Any) -> str:
         blob = pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)

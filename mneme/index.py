@@ -108,8 +108,7 @@ class NamespaceIndex:
         labels = np.asarray(sorted(self._by_seq), dtype=np.int64)
         if len(labels) == 0:
             return np.zeros((0, self.dim), dtype=np.float32), labels
-        vectors = np.vstack([self._index.reconstruct(int(label)) for label in labels])
-        return vectors.astype(np.float32), labels
+        return self._index.reconstruct_batch(labels).astype(np.float32), labels  # one call
 
     def _rebuild(self, kind: str) -> None:
         """A fresh index of `kind` over the live vectors (same labels: nothing drifts)."""

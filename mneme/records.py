@@ -14,6 +14,15 @@ class Embeddings:
     vectors: Any  # np.ndarray (n, dim) float32, rows L2-normalised
     token_counts: list[int]
 
+    def split(self, sizes: list[int]) -> list[Embeddings]:
+        """Consecutive parts of `sizes` rows each: one merged call back into its callers'."""
+        out, start = [], 0
+        for size in sizes:
+            end = start + size
+            out.append(Embeddings(self.vectors[start:end], self.token_counts[start:end]))
+            start = end
+        return out
+
 
 @dataclass(frozen=True)
 class NewMemory:
