@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from ray import serve  # noqa: E402
 
-from deployments.replica import max_ongoing_requests
+from deployments.replica import identity, max_ongoing_requests
 from mneme.batching import BatchGate
 from mneme.config import EmbedderConfig, parse_batch_config
 from mneme.records import BatchStats, Embeddings
@@ -90,4 +90,5 @@ class Embedder:
             **self._gate.stats(),
             "torch_threads": torch.get_num_threads(),
             "max_ongoing_requests": max_ongoing_requests(),
+            **identity(),
         }

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 
 from ray import serve
 
-from deployments.replica import max_ongoing_requests
+from deployments.replica import identity, max_ongoing_requests
 from mneme.config import GeneratorConfig
 from mneme.records import Generation, GenerationDelta, GenerationRequest
 from mneme.stats import Occupancy
@@ -125,6 +125,7 @@ class Generator:
             **self._occupancy.summary(),
             "completion_tokens": self._completion_tokens,
             "max_ongoing_requests": max_ongoing_requests(),
+            **identity(),
         }
 
     def __del__(self):

@@ -18,7 +18,7 @@ logger = logging.getLogger("ray.serve")
 
 
 def error_response(exc: MnemeError) -> JSONResponse:
-    headers = {}
+    headers = dict(exc.headers)
     if exc.retry_after_s is not None:
         headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
     return JSONResponse(exc.to_body(), status_code=exc.status_code, headers=headers)

@@ -11,19 +11,23 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from cache.client import CacheClient
+from deployments.api_keys import ApiKeyGate, Caller
 from deployments.budgets import BudgetRefresher, make_schedulers
 from deployments.compute import ComputeGraph
 from deployments.downstreams import Downstreams
 from deployments.http_errors import BodySizeLimit, install_error_handlers
 from deployments.metrics import to_prometheus
+from deployments.replica import identity
 from deployments.serving import MnemeService
 from mneme import protocol as p
-from mneme.config import NAMESPACE_PATTERN, MnemeConfig
+from mneme.auth import KeyRing, Principal
+from mneme.config import NAMESPACE_PATTERN, MnemeConfig, parse_router_user_config
 from mneme.priority import Priority, RequestContext, parse_deadline_ms
 from mneme.stats import LatencyBook
 
 app = FastAPI(title="Mneme", version="0.1.0")
 app.add_middleware(BodySizeLimit)
+app.add_middleware(ApiKeyGate)  # outermost: 401 before the body is even counted
 install_error_handlers(app)
 
 PriorityHeader = Annotated[str | None, Header(alias="X-Priority")]
@@ -48,6 +52,7 @@ class Router:
     ):
         self.config = config
         BodySizeLimit.max_bytes = config.limits.max_request_body_bytes
+        ApiKeyGate.keyring = KeyRing(config.auth)
         app_name = serve.get_replica_context().app_name
         self.schedulers = make_schedulers(config.scheduler) if config.scheduler.enabled else {}
         self.downstreams = Downstreams(
@@ -65,14 +70,28 @@ class Router:
         if self.schedulers:
             self.budgets.start()
 
+    def reconfigure(self, user_config: dict[str, Any] | None) -> None:
+        """The Router's `user_config`: `{auth: {...}}` replaces the args' API keys in place, so
+        a `serve deploy` rotates keys without restarting a replica or dropping a request."""
+        ApiKeyGate.keyring = KeyRing(parse_router_user_config(user_config, self.config.auth))
+
     def _context(
-        self, header: str | None, field: str | None, deadline_ms: str | None
+        self,
+        caller: Principal | None,
+        header: str | None,
+        field: str | None,
+        deadline_ms: str | None,
+        namespace: str | None = None,
     ) -> RequestContext:
-        priority = (
-            Priority.parse(field, param="priority")
-            if field
-            else Priority.parse(header, param="X-Priority")
-        )
+        """The request's class and deadline, once its key is found to allow its namespace
+        and class (403 otherwise, before anything is computed or changed)."""
+        param = "priority" if field else "X-Priority"
+        requested = Priority.parse(field or header, param=param) if field or header else None
+        priority = requested or Priority.NORMAL
+        if caller is not None:
+            if namespace is not None:
+                caller.check_namespace(namespace)
+            priority = caller.priority(requested, param)
         return RequestContext(priority=priority, deadline=parse_deadline_ms(deadline_ms))
 
     def _done(self, route: str, ctx: RequestContext, response: Response) -> None:
@@ -91,10 +110,11 @@ class Router:
         self,
         req: p.EmbeddingRequest,
         response: Response,
+        caller: Caller,
         x_priority: PriorityHeader = None,
         x_deadline_ms: DeadlineHeader = None,
     ) -> p.EmbeddingResponse:
-        ctx = self._context(x_priority, req.priority, x_deadline_ms)
+        ctx = self._context(caller, x_priority, req.priority, x_deadline_ms)
         out = await self.service.embeddings(req, ctx)
         self._done("embeddings", ctx, response)
         return out
@@ -104,10 +124,12 @@ class Router:
         self,
         req: p.ChatCompletionRequest,
         response: Response,
+        caller: Caller,
         x_priority: PriorityHeader = None,
         x_deadline_ms: DeadlineHeader = None,
     ) -> p.ChatCompletionResponse | StreamingResponse:
-        ctx = self._context(x_priority, req.priority, x_deadline_ms)
+        namespace = req.memory.namespace if req.memory is not None else None
+        ctx = self._context(caller, x_priority, req.priority, x_deadline_ms, namespace)
         if req.stream:
             events = await self.service.chat_stream(req, ctx)
             return StreamingResponse(events, media_type="text/event-stream")
@@ -121,10 +143,11 @@ class Router:
         self,
         req: p.AddMemoriesRequest,
         response: Response,
+        caller: Caller,
         x_priority: PriorityHeader = None,
         x_deadline_ms: DeadlineHeader = None,
     ) -> p.AddMemoriesResponse:
-        ctx = self._context(x_priority, req.priority, x_deadline_ms)
+        ctx = self._context(caller, x_priority, req.priority, x_deadline_ms, req.namespace)
         out = await self.service.add_memories(req, ctx)
         self._done("memories.add", ctx, response)
         return out
@@ -134,10 +157,11 @@ class Router:
         self,
         req: p.SearchRequest,
         response: Response,
+        caller: Caller,
         x_priority: PriorityHeader = None,
         x_deadline_ms: DeadlineHeader = None,
     ) -> p.SearchResponse:
-        ctx = self._context(x_priority, req.priority, x_deadline_ms)
+        ctx = self._context(caller, x_priority, req.priority, x_deadline_ms, req.namespace)
         out = await self.service.search(req, ctx)
         self._done("memories.search", ctx, response)
         return out
@@ -146,12 +170,13 @@ class Router:
     async def list_memories(
         self,
         namespace: NamespaceQuery,
+        caller: Caller,
         limit: int = 100,
         cursor: str | None = None,
         x_priority: PriorityHeader = None,
         x_deadline_ms: DeadlineHeader = None,
     ) -> p.MemoryList:
-        ctx = self._context(x_priority, None, x_deadline_ms)
+        ctx = self._context(caller, x_priority, None, x_deadline_ms, namespace)
         return await self.service.list_memories(namespace, limit, cursor, ctx)
 
     @app.get("/v1/memories/{memory_id}")
@@ -159,10 +184,11 @@ class Router:
         self,
         memory_id: str,
         namespace: NamespaceQuery,
+        caller: Caller,
         x_priority: PriorityHeader = None,
         x_deadline_ms: DeadlineHeader = None,
     ) -> p.Memory:
-        ctx = self._context(x_priority, None, x_deadline_ms)
+        ctx = self._context(caller, x_priority, None, x_deadline_ms, namespace)
         return await self.service.get_memory(namespace, memory_id, ctx)
 
     @app.delete("/v1/memories/{memory_id}")
@@ -170,10 +196,11 @@ class Router:
         self,
         memory_id: str,
         namespace: NamespaceQuery,
+        caller: Caller,
         x_priority: PriorityHeader = None,
         x_deadline_ms: DeadlineHeader = None,
     ) -> p.DeleteResponse:
-        ctx = self._context(x_priority, None, x_deadline_ms)
+        ctx = self._context(caller, x_priority, None, x_deadline_ms, namespace)
         return await self.service.delete_memory(namespace, memory_id, ctx)
 
     @app.post("/v1/answer")
@@ -181,19 +208,24 @@ class Router:
         self,
         req: p.AnswerRequest,
         response: Response,
+        caller: Caller,
         x_priority: PriorityHeader = None,
         x_deadline_ms: DeadlineHeader = None,
     ) -> p.AnswerResponse:
-        ctx = self._context(x_priority, req.priority, x_deadline_ms)
+        ctx = self._context(caller, x_priority, req.priority, x_deadline_ms, req.namespace)
         out = await self.service.answer(req, ctx)
         self._done("answer", ctx, response)
         return out
 
     @app.post("/v1/cache/prewarm")
     async def prewarm(
-        self, req: p.PrewarmRequest, response: Response, x_deadline_ms: DeadlineHeader = None
+        self,
+        req: p.PrewarmRequest,
+        response: Response,
+        caller: Caller,
+        x_deadline_ms: DeadlineHeader = None,
     ) -> p.PrewarmResponse:
-        """Embed texts ahead of need, at background priority."""
+        """Embed texts ahead of need, at background priority (any valid key may)."""
         ctx = RequestContext(
             priority=Priority.BACKGROUND, deadline=parse_deadline_ms(x_deadline_ms)
         )
@@ -221,7 +253,11 @@ class Router:
 
     @app.get("/v1/stats")
     async def stats(self) -> dict:
-        router = {"latency": self.latency.summary(), "coalesced": self.coalesced()}
+        router = {
+            "latency": self.latency.summary(),
+            "coalesced": self.coalesced(),
+            **identity(),
+        }
         out = {"router": router, **(await self.downstreams.stats())}
         out["cache"] = await self.cache.stats() if self.cache is not None else None
         out["scheduler"] = {key: s.stats() for key, s in self.schedulers.items()}

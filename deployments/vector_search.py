@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from ray import serve
 
-from deployments.replica import max_ongoing_requests
+from deployments.replica import identity, max_ongoing_requests
 from mneme.config import BatchConfig, VectorSearchConfig, parse_batch_config
 from mneme.durable import DurableStore
 from mneme.index import MemoryStore
@@ -103,7 +103,7 @@ class VectorSearch:
             **self._stats.summary(),
             **self._batch.model_dump(),
             **self._store.stats(),
-            "replica": serve.get_replica_context().replica_id.unique_id,
+            **identity(),
             "max_ongoing_requests": max_ongoing_requests(),
         }
 

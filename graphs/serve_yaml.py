@@ -14,7 +14,13 @@ from ray.serve.schema import ServeDeploySchema
 
 from graphs.app import bind_graph
 from graphs.naive import naive_config
-from mneme.config import MnemeConfig, load_config
+from mneme.config import (
+    MnemeConfig,
+    load_config,
+    parse_batch_config,
+    parse_router_user_config,
+)
+from mneme.errors import MnemeError
 
 CONFIG_LOADERS: dict[str, Callable[[dict[str, Any] | None], MnemeConfig]] = {
     "graphs.app:build_app": load_config,
@@ -59,5 +65,23 @@ def read_serve_yaml(path: str | Path) -> list[MnemeApp]:
             d.name: d.model_dump(exclude_unset=True, exclude={"name"})
             for d in application.deployments
         }
+        _check_user_configs(application.name, config, options)
         apps.append(MnemeApp(application.name, application.route_prefix or "/", config, options))
     return apps
+
+
+def _check_user_configs(app: str, config: MnemeConfig, options: dict[str, dict]) -> None:
+    """Each deployment's `user_config` parsed as its replicas will (ValueError naming it)."""
+    parsers = {
+        "Router": lambda uc: parse_router_user_config(uc, config.auth),
+        "Embedder": lambda uc: parse_batch_config(uc, config.embedder.batch),
+        "VectorSearch": lambda uc: parse_batch_config(uc, config.vector_search.batch),
+    }
+    for name, parse in parsers.items():
+        user_config = options.get(name, {}).get("user_config")
+        if user_config is None:
+            continue
+        try:
+            parse(user_config)
+        except MnemeError as exc:
+            raise ValueError(f"application {app!r}, deployment {name!r}: {exc}") from None

@@ -9,7 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from mneme.errors import InvalidRequest
 
@@ -17,6 +25,7 @@ NAMESPACE_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
 DEFAULT_EMBEDDING_MODEL = "all-MiniLM-L6-v2"
 DEFAULT_GENERATOR_PATH = ".models/tiny-llama"
 DEFAULT_GENERATOR_NAME = "mneme-tiny-llama"
+PriorityName = Literal["critical", "high", "normal", "low", "background"]
 
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -263,6 +272,49 @@ class RouterConfig(StrictModel):
     coalesce_max_items: int = Field(256, ge=1, description="Most texts or keys in one call.")
 
 
+class ApiKeyConfig(StrictModel):
+    """One bearer token: give exactly one of `key` (in the YAML) or `key_env` (an environment
+    variable read by the Router replica: put it in the runtime_env's env_vars)."""
+
+    name: str = Field(min_length=1, description="Shown in errors and logs; never the key.")
+    key: SecretStr | None = Field(None, description="The token itself (prefer key_env).")
+    key_env: str | None = Field(None, description="Environment variable holding the token.")
+    namespaces: list[str] = Field(
+        default_factory=lambda: ["*"],
+        min_length=1,
+        description="Namespaces the key may use, as shell patterns ('agent-a', 'team-b:*').",
+    )
+    max_priority: PriorityName = Field(
+        "critical",
+        description="Highest class the key may ask for; its default is normal capped at this.",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ApiKeyConfig:
+        if (self.key is None) == (self.key_env is None):
+            raise ValueError("give exactly one of key or key_env")
+        if self.key is not None and len(self.key.get_secret_value()) < 16:
+            raise ValueError("key: use at least 16 characters")
+        return self
+
+
+class AuthConfig(StrictModel):
+    """API keys. None configured: no authentication (loopback default)."""
+
+    keys: list[ApiKeyConfig] = Field(default_factory=list)
+    public_paths: list[str] = Field(
+        default_factory=lambda: ["/healthz"], description="Paths answered without a key."
+    )
+
+    @field_validator("keys")
+    @classmethod
+    def _unique_names(cls, keys: list[ApiKeyConfig]) -> list[ApiKeyConfig]:
+        names = [k.name for k in keys]
+        if len(set(names)) != len(names):
+            raise ValueError("key names must be unique")
+        return keys
+
+
 class MnemeConfig(StrictModel):
     """The `args` of the Serve application (see configs/local.yaml)."""
 
@@ -273,6 +325,7 @@ class MnemeConfig(StrictModel):
     cache: CacheConfig = Field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     router: RouterConfig = Field(default_factory=RouterConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
     answer_system_prompt: str = Field(
         "Answer the question using the memories below.",
         description="System prompt of /v1/answer and of chat's `memory` extension.",
@@ -297,3 +350,21 @@ def parse_batch_config(user_config: dict[str, Any] | None, default: BatchConfig)
         return BatchConfig.model_validate({**default.model_dump(), **(user_config or {})})
     except ValidationError as exc:
         raise InvalidRequest(f"invalid user_config: {exc}", param="user_config") from None
+
+
+def parse_router_user_config(user_config: dict[str, Any] | None, default: AuthConfig) -> AuthConfig:
+    """The Router's `user_config`: `{auth: {...}}` (the API keys), else the args' `auth`."""
+    extra = set(user_config or {}) - {"auth"}
+    if extra:
+        raise InvalidRequest(
+            f"unknown Router user_config field(s) {sorted(extra)}; only 'auth' is accepted",
+            param="user_config",
+        )
+    if not user_config or user_config.get("auth") is None:
+        return default
+    try:
+        return AuthConfig.model_validate(user_config["auth"])
+    except ValidationError as exc:
+        raise InvalidRequest(
+            f"invalid Router user_config.auth: {exc}", param="user_config"
+        ) from None

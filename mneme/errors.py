@@ -10,6 +10,7 @@ class MnemeError(Exception):
     error_type = "internal_error"
     code: str | None = None
     retry_after_s: float | None = None
+    headers: dict[str, str] = {}
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -40,6 +41,23 @@ class InvalidRequest(MnemeError):
 class PayloadTooLarge(InvalidRequest):
     status_code = 413
     code = "request_too_large"
+
+
+class Unauthorized(MnemeError):
+    """No API key, or one that is not configured."""
+
+    status_code = 401
+    error_type = "authentication_error"
+    code = "invalid_api_key"
+    headers = {"WWW-Authenticate": 'Bearer realm="mneme"'}
+
+
+class Forbidden(MnemeError):
+    """A valid API key that does not allow this namespace or priority."""
+
+    status_code = 403
+    error_type = "permission_error"
+    code = "forbidden"
 
 
 class NotFound(MnemeError):

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
-from mneme.config import NAMESPACE_PATTERN, LimitsConfig
+from mneme.config import NAMESPACE_PATTERN, LimitsConfig, PriorityName
 from mneme.errors import InvalidRequest
 
 ID_PATTERN = NAMESPACE_PATTERN
@@ -41,7 +41,6 @@ def _clean_text(value: str) -> str:
 Text = Annotated[str, AfterValidator(_clean_text)]
 Namespace = Annotated[str, StringConstraints(pattern=NAMESPACE_PATTERN)]
 MemoryId = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
-PriorityName = Literal["critical", "high", "normal", "low", "background"]
 
 
 class ApiModel(BaseModel):

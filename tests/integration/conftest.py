@@ -29,14 +29,33 @@ class ServedApp:
         return httpx.Client(base_url=self.base_url, timeout=timeout)
 
 
-_deploy = None  # deploys the session's application (set by `served`)
+_application: dict | None = None  # the session's application, as a Serve YAML entry
+
+
+def deploy(user_configs: dict[str, dict] | None = None) -> None:
+    """Deploy the session's application the way `serve deploy` does (a config applied by the
+    controller), with `user_configs` (deployment name -> user_config) over the first one.
+
+    A changed user_config is applied in place by the running replicas (no restart); after a
+    test deleted the application this brings it back. Returns once the application runs.
+    """
+    from ray import serve
+    from ray.serve.schema import ServeDeploySchema
+
+    assert _application is not None, "the served fixture has not deployed anything yet"
+    application = dict(_application)
+    overrides = {d["name"]: dict(d) for d in application["deployments"]}
+    for name, user_config in (user_configs or {}).items():
+        overrides.setdefault(name, {"name": name})["user_config"] = user_config
+    application["deployments"] = list(overrides.values())
+    client = serve.context._get_global_client()
+    client.deploy_apps(ServeDeploySchema.model_validate({"applications": [application]}))
+    client._wait_for_application_running(APP_NAME, timeout_s=600)
 
 
 def redeploy() -> None:
-    """`serve.run` of the session's application again, as first deployed (after a test
-    deleted it); returns once every replica is up."""
-    assert _deploy is not None, "the served fixture has not deployed anything yet"
-    _deploy()
+    """The session's application again, as first deployed (after a test deleted it)."""
+    deploy()
 
 
 @pytest.fixture(scope="session")
@@ -47,38 +66,35 @@ def served(tmp_path_factory) -> Iterator[ServedApp]:
     import ray
     from ray import serve
 
-    from graphs.app import bind_graph
-    from mneme.config import load_config
-
     port = free_port()
     data_dir = tmp_path_factory.mktemp("memories")
     redis_server = RedisServer().start()
     ray.init(num_cpus=2, include_dashboard=False, namespace="mneme-tests", log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        # A small Generator budget (5 - 1 control slot = 4), so tests can fill it for real.
-        options = {"Generator": {"max_ongoing_requests": 5}}
-        config = load_config(
-            {
-                "cache": {"redis_url": redis_server.url, "semantic_answer_threshold": 0.95},
-                # count-bounded queues only, so the tests control exactly what queues
-                "scheduler": {"max_queued_per_class": 16, "max_queue_wait_ms": 600_000},
-                # the memory log of this session only; snapshots often, so restarts use them
-                "vector_search": {
-                    "storage": {
-                        "data_dir": str(data_dir),
-                        "snapshot_every_writes": 50,
-                        "synchronous": "NORMAL",
-                    }
-                },
-            }
-        )
-        global _deploy
-
-        def _deploy() -> None:
-            serve.run(bind_graph(config, options), name=APP_NAME, route_prefix="/")
-
-        _deploy()
+        args = {
+            "cache": {"redis_url": redis_server.url, "semantic_answer_threshold": 0.95},
+            # count-bounded queues only, so the tests control exactly what queues
+            "scheduler": {"max_queued_per_class": 16, "max_queue_wait_ms": 600_000},
+            # the memory log of this session only; snapshots often, so restarts use them
+            "vector_search": {
+                "storage": {
+                    "data_dir": str(data_dir),
+                    "snapshot_every_writes": 50,
+                    "synchronous": "NORMAL",
+                }
+            },
+        }
+        global _application
+        _application = {
+            "name": APP_NAME,
+            "route_prefix": "/",
+            "import_path": "graphs.app:build_app",
+            "args": args,
+            # A small Generator budget (5 - 1 control slot = 4), so tests can fill it for real.
+            "deployments": [{"name": "Generator", "max_ongoing_requests": 5}],
+        }
+        deploy()
         yield ServedApp(f"http://127.0.0.1:{port}", redis_server, data_dir)
     finally:
         serve.shutdown()

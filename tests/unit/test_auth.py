@@ -1,0 +1,113 @@
+import pytest
+
+from mneme.auth import KeyRing
+from mneme.config import AuthConfig, load_config, parse_router_user_config
+from mneme.errors import Forbidden, InvalidRequest, Unauthorized
+from mneme.priority import Priority
+
+ADMIN = "admin-key-0123456789"
+AGENT = "agent-key-0123456789"
+
+
+def keyring(environ=None) -> KeyRing:
+    config = AuthConfig.model_validate(
+        {
+            "keys": [
+                {"name": "admin", "key": ADMIN},
+                {
+                    "name": "agents",
+                    "key_env": "AGENT_KEY",
+                    "namespaces": ["agent-*", "shared"],
+                    "max_priority": "high",
+                },
+                {"name": "batch", "key": "batch-key-0123456789", "max_priority": "low"},
+            ]
+        }
+    )
+    return KeyRing(config, environ={"AGENT_KEY": AGENT} if environ is None else environ)
+
+
+def test_no_keys_lets_everything_through():
+    ring = KeyRing(AuthConfig())
+    assert not ring.enabled
+    assert ring.authenticate(None) is None
+    assert ring.authenticate("Bearer whatever") is None
+
+
+@pytest.mark.parametrize(
+    "header", [None, "", "Bearer", "Bearer   ", f"Basic {ADMIN}", "Bearer wrong-key-0123456789"]
+)
+def test_a_missing_or_unknown_key_is_401(header):
+    with pytest.raises(Unauthorized) as err:
+        keyring().authenticate(header)
+    assert err.value.status_code == 401
+    assert err.value.headers["WWW-Authenticate"].startswith("Bearer")
+    assert ADMIN not in err.value.message and AGENT not in err.value.message
+
+
+def test_keys_from_config_and_environment():
+    ring = keyring()
+    assert ring.authenticate(f"Bearer {ADMIN}").name == "admin"
+    assert ring.authenticate(f"bearer  {AGENT} ").name == "agents"
+
+
+def test_a_key_env_that_is_not_set_fails_at_start_naming_it():
+    with pytest.raises(ValueError, match=r"auth\.keys\[1\]\.key_env.*AGENT_KEY"):
+        keyring(environ={})
+
+
+def test_namespaces_are_shell_patterns():
+    agents = keyring().authenticate(f"Bearer {AGENT}")
+    agents.check_namespace("agent-7")
+    agents.check_namespace("shared")
+    for namespace in ("agent", "shared2", "other", "AGENT-7"):
+        with pytest.raises(Forbidden) as err:
+            agents.check_namespace(namespace)
+        assert err.value.status_code == 403 and err.value.code == "namespace_forbidden"
+
+
+def test_priority_ceiling():
+    ring = keyring()
+    agents = ring.authenticate(f"Bearer {AGENT}")
+    assert agents.priority(None, "priority") is Priority.NORMAL
+    assert agents.priority(Priority.HIGH, "priority") is Priority.HIGH
+    assert agents.priority(Priority.BACKGROUND, "priority") is Priority.BACKGROUND
+    with pytest.raises(Forbidden, match="critical") as err:
+        agents.priority(Priority.CRITICAL, "X-Priority")
+    assert err.value.param == "X-Priority" and err.value.code == "priority_forbidden"
+    # a key capped below normal gets its ceiling by default, not a 403
+    batch = ring.authenticate("Bearer batch-key-0123456789")
+    assert batch.priority(None, "priority") is Priority.LOW
+
+
+@pytest.mark.parametrize(
+    ("keys", "field"),
+    [
+        ([{"name": "a"}], "exactly one of key or key_env"),
+        ([{"name": "a", "key": "k" * 20, "key_env": "X"}], "exactly one of key or key_env"),
+        ([{"name": "a", "key": "short"}], "at least 16"),
+        ([{"name": "a", "key_env": "X", "max_priority": "urgent"}], "max_priority"),
+        ([{"name": "a", "key_env": "X"}, {"name": "a", "key_env": "Y"}], "unique"),
+        ([{"name": "a", "key_env": "X", "namespaces": []}], "namespaces"),
+    ],
+)
+def test_bad_key_configs_fail_at_build_naming_the_field(keys, field):
+    with pytest.raises(ValueError, match=field):
+        load_config({"auth": {"keys": keys}})
+
+
+def test_the_key_never_shows_in_the_config():
+    config = load_config({"auth": {"keys": [{"name": "a", "key": ADMIN}]}})
+    assert ADMIN not in repr(config) and ADMIN not in config.model_dump_json()
+
+
+def test_router_user_config_replaces_the_args_keys():
+    default = AuthConfig()
+    assert parse_router_user_config(None, default) is default
+    assert parse_router_user_config({}, default) is default
+    rotated = parse_router_user_config({"auth": {"keys": [{"name": "a", "key": ADMIN}]}}, default)
+    assert [k.name for k in rotated.keys] == ["a"]
+    with pytest.raises(InvalidRequest, match="max_batch_size"):
+        parse_router_user_config({"max_batch_size": 3}, default)
+    with pytest.raises(InvalidRequest, match="user_config.auth"):
+        parse_router_user_config({"auth": {"keys": [{"name": "a"}]}}, default)
