@@ -104,6 +104,11 @@ class IndexConfig(StrictModel):
         description="IVF lists probed per query: 256 kept recall@10 >= 0.95 at 100k and 1M "
         "in benchmarks.index_types; fewer is faster where your data allows it.",
     )
+    flat_device: str | None = Field(
+        None,
+        description="Search flat namespaces with torch on this device (cuda, cuda:1, cpu) "
+        "instead of FAISS: the GPU path where faiss-gpu is not installed. null: FAISS.",
+    )
     rebuild_tombstone_share: float = Field(
         0.2, gt=0, le=1, description="hnsw: rebuild once deleted entries are this share."
     )

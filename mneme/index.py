@@ -63,6 +63,18 @@ class NamespaceIndex:
         self._by_seq: dict[int, StoredMemory] = {}
         self._tombstones: set[int] = set()
         self._next_seq = 0
+        self._mirror = self._new_mirror()
+
+    def _new_mirror(self):
+        """The torch copy of a flat index that searches run on (config.flat_device), or None."""
+        if self.config.flat_device is None or self.kind != "flat":
+            return None
+        from mneme.torch_search import TorchFlat
+
+        mirror = TorchFlat(self.dim, self.config.flat_device)
+        if self._by_seq:
+            mirror.add(*self._live_vectors())
+        return mirror
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -89,6 +101,7 @@ class NamespaceIndex:
             index._by_seq[stored.seq] = stored
         index._tombstones = set(state.get("tombstones", ()))
         index._next_seq = state["next_seq"]
+        index._mirror = index._new_mirror()
         if index._index.ntotal != len(index._by_seq) + len(index._tombstones):
             raise ValueError(
                 f"snapshot of {index.namespace!r}: {index._index.ntotal} vectors "
@@ -103,6 +116,8 @@ class NamespaceIndex:
                 self._rebuild(self.kind)
         else:
             self._index.remove_ids(np.asarray(labels, dtype=np.int64))
+            if self._mirror is not None:
+                self._mirror.remove(labels)
 
     def _live_vectors(self) -> tuple[np.ndarray, np.ndarray]:
         labels = np.asarray(sorted(self._by_seq), dtype=np.int64)
@@ -118,6 +133,7 @@ class NamespaceIndex:
             index.train(vectors)
         index.add_with_ids(vectors, labels)
         self._index, self.kind, self._tombstones = index, kind, set()
+        self._mirror = self._new_mirror()
 
     def upsert(self, items: Sequence[NewMemory], vectors: np.ndarray) -> list[str]:
         """Add items; an item whose id exists replaces it (so a retried add stores one copy)."""
@@ -130,6 +146,8 @@ class NamespaceIndex:
         seqs = np.arange(self._next_seq, self._next_seq + len(items), dtype=np.int64)
         self._next_seq += len(items)
         self._index.add_with_ids(vectors, seqs)
+        if self._mirror is not None:
+            self._mirror.add(vectors, seqs)
         for item, seq in zip(items, seqs.tolist(), strict=True):
             stored = StoredMemory(item.id, self.namespace, item.text, dict(item.metadata), seq)
             self._by_id[item.id] = stored
@@ -178,23 +196,20 @@ class NamespaceIndex:
     def search(
         self, queries: np.ndarray, top_k: int, flt: dict[str, Any] | None = None
     ) -> list[list[SearchHit]]:
-        """Exact top-k for each row of `queries` (one FAISS call for the whole batch)."""
+        """Top-k for each row of `queries`: one FAISS (or torch) call for the whole batch."""
         queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
-        selector = None
+        k = min(top_k, len(self._by_seq))
+        allowed = None
         if flt:
             allowed = [m.seq for m in self._by_seq.values() if matches(m.metadata, flt)]
             if not allowed:
                 return [[] for _ in range(len(queries))]
-            selector = faiss.IDSelectorBatch(np.asarray(allowed, dtype=np.int64))
-        elif self._tombstones:
-            dead = faiss.IDSelectorBatch(np.asarray(sorted(self._tombstones), dtype=np.int64))
-            selector = faiss.IDSelectorNot(dead)
-            selector.base = dead  # keep it alive as long as the selector
-        params = self._search_params(selector)
-        k = min(top_k, len(self._by_seq))
         if k == 0:
             return [[] for _ in range(len(queries))]
-        scores, labels = self._index.search(queries, k, params=params)
+        if self._mirror is not None:
+            scores, labels = self._mirror.search(queries, k, allowed)
+        else:
+            scores, labels = self._faiss_search(queries, k, allowed)
         results = []
         for row_scores, row_labels in zip(scores, labels, strict=True):
             hits = []
@@ -205,6 +220,18 @@ class NamespaceIndex:
                 hits.append(SearchHit(m.id, m.text, float(score), dict(m.metadata)))
             results.append(hits)
         return results
+
+    def _faiss_search(
+        self, queries: np.ndarray, k: int, allowed: list[int] | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        selector = None
+        if allowed is not None:
+            selector = faiss.IDSelectorBatch(np.asarray(allowed, dtype=np.int64))
+        elif self._tombstones:
+            dead = faiss.IDSelectorBatch(np.asarray(sorted(self._tombstones), dtype=np.int64))
+            selector = faiss.IDSelectorNot(dead)
+            selector.base = dead  # keep it alive as long as the selector
+        return self._index.search(queries, k, params=self._search_params(selector))
 
 
 class MemoryStore:

@@ -21,9 +21,14 @@ def brute_force(model: dict, query: np.ndarray, k: int, flt=None) -> list[str]:
     return [ids[j] for j in np.argsort(-scores, kind="stable")[:k]]
 
 
-def test_random_adds_replaces_and_deletes_match_brute_force():
+# flat_device: the torch search path (the GPU one where faiss-gpu is missing), here on CPU
+SEARCH_PATHS = [IndexConfig(), IndexConfig(flat_device="cpu")]
+
+
+@pytest.mark.parametrize("config", SEARCH_PATHS, ids=["faiss", "torch"])
+def test_random_adds_replaces_and_deletes_match_brute_force(config):
     rng = np.random.default_rng(0)
-    index = NamespaceIndex("ns", DIM)
+    index = NamespaceIndex("ns", DIM, config)
     model: dict[str, tuple[np.ndarray, dict]] = {}
     for step in range(300):
         op = rng.random()
@@ -55,14 +60,17 @@ def test_random_adds_replaces_and_deletes_match_brute_force():
         np.testing.assert_allclose(index.vector(i), vec, rtol=1e-6)
 
 
-def test_batched_search_equals_one_by_one():
+@pytest.mark.parametrize("config", SEARCH_PATHS, ids=["faiss", "torch"])
+def test_batched_search_equals_one_by_one(config):
     rng = np.random.default_rng(1)
-    index = NamespaceIndex("ns", DIM)
+    index = NamespaceIndex("ns", DIM, config)
     index.upsert([NewMemory(str(i), "t") for i in range(100)], unit(rng, 100))
     queries = unit(rng, 20)
     batched = index.search(queries, 7)
     for q, hits in zip(queries, batched, strict=True):
-        assert hits == index.search(q[None], 7)[0]
+        alone = index.search(q[None], 7)[0]
+        assert [h.id for h in hits] == [h.id for h in alone]
+        np.testing.assert_allclose([h.score for h in hits], [h.score for h in alone], atol=1e-6)
 
 
 def test_top_k_larger_than_the_namespace_returns_all():
@@ -135,3 +143,39 @@ def test_a_namespace_becomes_approximate_at_its_size_threshold_and_keeps_its_ids
     restored = NamespaceIndex.from_state(index.state(), config)
     assert restored.kind == kind and len(restored) == 300
     assert restored.get("m250").text == "t250"
+
+
+def test_the_torch_path_survives_a_snapshot_and_agrees_with_faiss():
+    rng = np.random.default_rng(5)
+    faiss_index = NamespaceIndex("ns", DIM)
+    items = [NewMemory(f"m{i}", "t", {"g": i % 3}) for i in range(500)]
+    vectors = unit(rng, 500)
+    faiss_index.upsert(items, vectors)
+    for i in range(0, 500, 3):
+        faiss_index.delete(f"m{i}")
+    restored = NamespaceIndex.from_state(faiss_index.state(), IndexConfig(flat_device="cpu"))
+    queries = unit(rng, 32)
+    for flt in (None, {"g": 1}):
+        want = [[h.id for h in hits] for hits in faiss_index.search(queries, 10, flt)]
+        got = [[h.id for h in hits] for hits in restored.search(queries, 10, flt)]
+        assert got == want
+
+
+def test_torch_flat_keeps_labels_in_write_order_and_compacts():
+    from mneme.torch_search import TorchFlat
+
+    rng = np.random.default_rng(6)
+    flat = TorchFlat(DIM)
+    vectors = unit(rng, 3000)
+    for start in range(0, 3000, 700):  # grows past its first capacity
+        flat.add(vectors[start : start + 700], np.arange(start, min(start + 700, 3000)))
+    with pytest.raises(ValueError, match="increasing"):
+        flat.add(vectors[:1], np.array([5]))
+    flat.remove(np.arange(0, 3000, 2))  # half dead: compacted
+    flat.remove([1, 99_999])  # an unknown label is ignored
+    assert len(flat) == 1499
+    scores, labels = flat.search(vectors[:4], 3000)
+    assert set(labels[0][labels[0] >= 0]) == set(range(3, 3000, 2))  # -1 pads a dead row
+    assert labels[0][0] == 3 or scores[0][0] >= vectors[0] @ vectors[3] - 1e-6
+    _, allowed = flat.search(vectors[:2], 5, allowed=np.array([7, 9, 10]))
+    assert [sorted(row[row >= 0].tolist()) for row in allowed] == [[7, 9], [7, 9]]
