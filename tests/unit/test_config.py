@@ -82,3 +82,22 @@ def test_naive_yaml_uses_the_same_replicas_as_the_local_default():
     for name, options in local.deployment_options.items():
         for knob in ("num_replicas", "max_ongoing_requests", "ray_actor_options"):
             assert naive.deployment_options[name][knob] == options[knob], (name, knob)
+
+
+def test_the_kuberay_manifest_embeds_cluster_yaml_verbatim():
+    docs = [d for d in yaml.safe_load_all((ROOT / "configs/kuberay/rayservice.yaml").open()) if d]
+    [service] = [d for d in docs if d["kind"] == "RayService"]
+    embedded = yaml.safe_load(service["spec"]["serveConfigV2"])
+    assert embedded == yaml.safe_load((ROOT / "configs/cluster.yaml").read_text())
+
+
+def test_cluster_yaml_autoscales_every_deployment_and_shares_its_state():
+    [app] = read_serve_yaml(ROOT / "configs" / "cluster.yaml")
+    for name in ("Router", "Embedder", "VectorSearch", "Generator"):
+        scaling = app.deployment_options[name]["autoscaling_config"]
+        assert scaling["min_replicas"] >= 1 and scaling["max_replicas"] > scaling["min_replicas"]
+        assert scaling["downscale_delay_s"] > scaling["upscale_delay_s"], name
+    config = app.config
+    # replicas on several nodes must share the memory log and the L2 cache
+    assert config.vector_search.storage.redis_url and config.cache.redis_url
+    assert config.auth.keys, "an exposed cluster config must require API keys"
