@@ -285,6 +285,7 @@ def run(work_dir: Path, clients: int = 16, progress=print) -> dict:
         )
         progress(f"back to min_replicas {result['scale_down_s']} s after load stopped")
         monitor.stop()
+        result["scale_up"] = first_times(monitor.samples, load_started)  # peaks: whole run
         result["requests"] = dict(load.done)
         result["failed"] = load.failed[:20]
         result["failed_count"] = len(load.failed)
