@@ -87,7 +87,7 @@ class Router:
         and class (403 otherwise, before anything is computed or changed)."""
         param = "priority" if field else "X-Priority"
         requested = Priority.parse(field or header, param=param) if field or header else None
-        priority = requested or Priority.NORMAL
+        priority = Priority.NORMAL if requested is None else requested  # CRITICAL is 0: falsy
         if caller is not None:
             if namespace is not None:
                 caller.check_namespace(namespace)
