@@ -44,6 +44,7 @@ def make_schedulers(config: SchedulerConfig) -> dict[str, PriorityScheduler]:
             if config.max_queue_wait_ms is None
             else config.max_queue_wait_ms / 1000.0,
             fifo=config.policy == "fifo",
+            reserved_share=config.reserved_share,
         )
         for key in DEPLOYMENT_NAMES
     }

@@ -95,10 +95,13 @@ class Router:
         return RequestContext(priority=priority, deadline=parse_deadline_ms(deadline_ms))
 
     def _done(self, route: str, ctx: RequestContext, response: Response) -> None:
-        """Record the request's latency and say whether its result came from cache."""
+        """Record the request's latency; say whether its result came from cache (X-Cache) and
+        how long it queued in the Router (X-Queue-Wait-Ms)."""
         self.latency.observe((route, ctx.priority.name.lower()), time.monotonic() - ctx.received_at)
         if (tier := ctx.cache_header()) is not None:
             response.headers["X-Cache"] = tier
+        if ctx.queue_waits:
+            response.headers["X-Queue-Wait-Ms"] = f"{sum(ctx.queue_waits) * 1000.0:.1f}"
 
     # ------------------------------------------------------------------ OpenAI
     @app.get("/v1/models")

@@ -249,6 +249,13 @@ class SchedulerConfig(StrictModel):
         description="Refuse (503) a request expected to wait longer than this; "
         "null = starvation_threshold_ms + 2 x boost_interval_ms.",
     )
+    reserved_share: float = Field(
+        0.25,
+        ge=0.0,
+        lt=1.0,
+        description="Share of each downstream's budget (rounded down) that only critical and "
+        "high requests may use, so they never wait behind lower classes' work in flight.",
+    )
     capacity_refresh_s: float = Field(
         5.0, gt=0, description="How often budgets follow replica counts (autoscaling)."
     )

@@ -40,6 +40,8 @@ class RequestContext:
     received_at: float = field(default_factory=time.monotonic)
     # tiers of the request's own cache lookup, filled on the way ("hit-l1", "hit-l2", "miss")
     cache_tiers: list[str] = field(default_factory=list)
+    # seconds spent queued in the Router before each downstream call (X-Queue-Wait-Ms)
+    queue_waits: list[float] = field(default_factory=list)
 
     def cache_header(self) -> str | None:
         """X-Cache: miss if anything was computed, else the slowest tier that answered

@@ -77,6 +77,7 @@ class PriorityScheduler:
         boost_interval_s: float = 1.0,
         max_queue_wait_s: float | None = None,
         fifo: bool = False,
+        reserved_share: float = 0.0,
         timer: Callable[[], float] = time.monotonic,
     ):
         self.name = name
@@ -93,6 +94,7 @@ class PriorityScheduler:
             else starvation_threshold_s + 2 * boost_interval_s
         )
         self.fifo = fifo
+        self.reserved_share = 0.0 if fifo else reserved_share
         self.timer = timer
         self.in_flight = 0
         self._waiting: list[Waiter] = []
@@ -106,6 +108,18 @@ class PriorityScheduler:
     def set_capacity(self, capacity: int) -> None:
         self.capacity = max(1, capacity)
         self._dispatch()
+
+    @property
+    def reserved(self) -> int:
+        """Slots only critical and high requests (or ones aged up to high) may take, so a
+        live request never waits for background work to finish: floor(capacity x share)."""
+        return int(self.capacity * self.reserved_share)
+
+    def limit(self, effective_class: int) -> int:
+        """How many slots may be in flight when a request of this class is dispatched."""
+        if effective_class <= Priority.HIGH:
+            return self.capacity
+        return self.capacity - self.reserved
 
     def queued(self, priority: Priority | None = None) -> int:
         if priority is None:
@@ -125,7 +139,7 @@ class PriorityScheduler:
                 f"{self.name} queue for {ctx.priority.name.lower()} is full",
                 retry_after_s=self._retry_after_s(),
             )
-        if self._service_s > 0 and self.in_flight >= self.capacity:
+        if self._service_s > 0 and self.in_flight >= self.limit(ctx.priority):
             expected, ahead = self._expected_wait_s(ctx.priority)
             if expected > self.max_queue_wait_s:
                 stats.rejected += 1
@@ -150,7 +164,8 @@ class PriorityScheduler:
         recent = [c for t, c in self._recent_classes if t >= horizon]
         higher = sum(1 for c in recent if c < priority) / len(recent) if recent else 0.0
         left = max(0.1, 1.0 - higher)
-        return (ahead / self.capacity + 1) * self._service_s / left, ahead
+        usable = max(1, self.limit(priority))
+        return (ahead / usable + 1) * self._service_s / left, ahead
 
     def _retry_after_s(self) -> float:
         backlog = len(self._waiting) / self.capacity * max(self._service_s, 0.05)
@@ -172,16 +187,18 @@ class PriorityScheduler:
         self._admit(ctx)
         stats = self._stats[ctx.priority]
         now = self.timer()
-        if self.in_flight < self.capacity and not self._waiting:
+        if self.in_flight < self.limit(ctx.priority) and not self._waiting:
             self.in_flight += 1
             stats.dispatched += 1
             self._recent_classes.append((now, int(ctx.priority)))
             stats.queue_wait.observe(0.0)
+            ctx.queue_waits.append(0.0)
             return
         waiter = Waiter(ctx, next(self._seq), now, asyncio.get_running_loop().create_future())
         self._waiting.append(waiter)
         self.max_waiting_seen = max(self.max_waiting_seen, len(self._waiting))
         stats.queued += 1
+        self._dispatch()  # waiters of lower classes may leave a reserved slot to this one
         try:
             remaining = None if ctx.deadline is None else max(0.0, ctx.deadline - now)
             await asyncio.wait_for(asyncio.shield(waiter.future), remaining)
@@ -219,6 +236,11 @@ class PriorityScheduler:
         now = self.timer()
         while self.in_flight < self.capacity and self._waiting:
             waiter = self._pick(now)
+            effective = waiter.effective_class(
+                now, self.starvation_threshold_s, self.boost_interval_s
+            )
+            if self.in_flight >= self.limit(effective):
+                break  # the best waiter may not take a reserved slot; nor may any after it
             self._waiting.remove(waiter)
             stats = self._stats[waiter.ctx.priority]
             if waiter.ctx.deadline is not None and waiter.ctx.deadline <= now:
@@ -227,15 +249,13 @@ class PriorityScheduler:
                 )
                 stats.expired += 1
                 continue
-            if (
-                waiter.effective_class(now, self.starvation_threshold_s, self.boost_interval_s)
-                < waiter.ctx.priority
-            ):
+            if effective < waiter.ctx.priority:
                 stats.boosted += 1
             self.in_flight += 1
             stats.dispatched += 1
             self._recent_classes.append((now, int(waiter.ctx.priority)))
             stats.queue_wait.observe(now - waiter.enqueued_at)
+            waiter.ctx.queue_waits.append(now - waiter.enqueued_at)
             waiter.future.set_result(None)
 
     def _pick(self, now: float) -> Waiter:
@@ -250,6 +270,7 @@ class PriorityScheduler:
     def stats(self) -> dict:
         return {
             "capacity": self.capacity,
+            "reserved": self.reserved,
             "in_flight": self.in_flight,
             "waiting": len(self._waiting),
             "max_waiting_seen": self.max_waiting_seen,

@@ -213,3 +213,61 @@ def test_admission_by_expected_wait():
     assert "saturated" in error.message and error.retry_after_s >= 1
     assert classes["normal"]["rejected"] == 1 and classes["background"]["rejected"] == 1
     assert classes["critical"]["rejected"] == 0  # nothing of its class is ahead of it
+
+
+def test_a_reserved_slot_is_kept_for_critical_and_high():
+    async def go():
+        clock = Clock()
+        scheduler = PriorityScheduler("gen", 4, reserved_share=0.25, timer=clock)
+        assert scheduler.reserved == 1
+        for _ in range(3):
+            await scheduler.acquire(ctx(Priority.BACKGROUND))
+        # a slot is free, but only for critical and high: background and normal wait
+        late = enqueue(scheduler, {"bg": ctx(Priority.BACKGROUND), "normal": ctx(Priority.NORMAL)})
+        await settle()
+        assert not any(t.done() for t in late.values()) and scheduler.in_flight == 3
+        urgent = asyncio.ensure_future(scheduler.acquire(ctx(Priority.CRITICAL)))
+        await settle()
+        assert urgent.done() and scheduler.in_flight == 4
+        scheduler.release()  # the critical one ends: the reserve is free again, still not theirs
+        await settle()
+        assert not any(t.done() for t in late.values())
+        scheduler.release()  # a background one ends: the best waiter (normal) takes its slot
+        await settle()
+        assert late["normal"].done() and not late["bg"].done()
+        # aged to normal (threshold + 1 boost) it still may not take the reserve ...
+        clock.now += 5.0 + 1.0
+        scheduler._dispatch()
+        await settle()
+        assert not late["bg"].done()
+        clock.now += 1.0  # ... aged to high (threshold + 2 boosts), it may
+        scheduler._dispatch()
+        await settle()
+        assert late["bg"].done() and scheduler.in_flight == 4
+        return scheduler.stats()
+
+    stats = asyncio.run(go())
+    assert stats["reserved"] == 1 and stats["classes"]["background"]["boosted"] == 1
+
+
+def test_small_budgets_reserve_nothing_and_fifo_never_reserves():
+    assert PriorityScheduler("gen", 3, reserved_share=0.25).reserved == 0
+    assert PriorityScheduler("gen", 64, reserved_share=0.25).reserved == 16
+    assert PriorityScheduler("gen", 64, reserved_share=0.25, fifo=True).reserved == 0
+
+
+def test_queue_waits_are_recorded_on_the_request():
+    async def go():
+        clock = Clock()
+        scheduler = PriorityScheduler("gen", 1, timer=clock)
+        first, second = ctx(Priority.NORMAL), ctx(Priority.NORMAL)
+        await scheduler.acquire(first)
+        task = asyncio.ensure_future(scheduler.acquire(second))
+        await settle()
+        clock.now += 0.25
+        scheduler.release()
+        await settle()
+        await task
+        return first.queue_waits, second.queue_waits
+
+    assert asyncio.run(go()) == ([0.0], [0.25])
