@@ -176,15 +176,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--max-queued-per-class", type=int, default=64)
+    parser.add_argument(
+        "--reserved-shares",
+        type=float,
+        nargs="+",
+        default=[0.25, 0.5],
+        help="priority Routers to run, by scheduler.reserved_share (the first is the default)",
+    )
     args = parser.parse_args()
     results = []
-    for policy in ("priority", "fifo"):
+    runs = [("priority", share) for share in args.reserved_shares] + [("fifo", 0.0)]
+    for policy, share in runs:
         config = {
             "cache": {"enabled": False},
-            "scheduler": {"policy": policy, "max_queued_per_class": args.max_queued_per_class},
+            "scheduler": {
+                "policy": policy,
+                "max_queued_per_class": args.max_queued_per_class,
+                "reserved_share": share,
+            },
         }
+        name = f"priority, reserved {share:.0%}" if policy == "priority" else policy
         with served_graph(config, GENERATOR) as base_url:
-            results.append(asyncio.run(measure(base_url, args.seconds, policy)))
+            results.append(asyncio.run(measure(base_url, args.seconds, name)))
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "priority.json").write_text(
         json.dumps({"args": vars(args), "results": results}, indent=1)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+SCHEDULER_COUNTS = ("queued", "dispatched", "rejected", "expired", "cancelled", "timed_out",
+                    "boosted")  # fmt: skip
+
 
 def _sample(name: str, labels: dict[str, str], value: float) -> str:
     text = ",".join(f'{k}="{v}"' for k, v in labels.items())
@@ -31,7 +34,7 @@ def to_prometheus(stats: dict[str, Any]) -> str:
         lines.append(_sample("mneme_scheduler_capacity", labels, sched["capacity"]))
         lines.append(_sample("mneme_scheduler_in_flight", labels, sched["in_flight"]))
         for cls, figures in sched["classes"].items():
-            for name in ("queued", "dispatched", "rejected", "expired", "cancelled", "boosted"):
+            for name in SCHEDULER_COUNTS:
                 lines.append(
                     _sample(f"mneme_scheduler_{name}", {**labels, "class": cls}, figures[name])
                 )

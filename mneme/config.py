@@ -246,7 +246,8 @@ class SchedulerConfig(StrictModel):
     max_queue_wait_ms: float | None = Field(
         None,
         gt=0,
-        description="Refuse (503) a request expected to wait longer than this; "
+        description="The longest a request waits in the Router's queue: one expected to wait "
+        "longer is refused at once, one still queued then gets 503 (both with Retry-After); "
         "null = starvation_threshold_ms + 2 x boost_interval_ms.",
     )
     reserved_share: float = Field(

@@ -49,6 +49,7 @@ class ClassStats:
     rejected: int = 0
     expired: int = 0
     cancelled: int = 0
+    timed_out: int = 0  # waited max_queue_wait_s without a slot: 503
     boosted: int = 0
     queue_wait: LatencyWindow = field(default_factory=LatencyWindow)
 
@@ -59,6 +60,7 @@ class ClassStats:
             "rejected": self.rejected,
             "expired": self.expired,
             "cancelled": self.cancelled,
+            "timed_out": self.timed_out,
             "boosted": self.boosted,
             "queue_wait": self.queue_wait.summary(),
         }
@@ -85,9 +87,10 @@ class PriorityScheduler:
         self.max_queued_per_class = max_queued_per_class
         self.starvation_threshold_s = starvation_threshold_s
         self.boost_interval_s = boost_interval_s
-        # Admission by expected wait, not only by count: a request that would wait longer than
-        # this is refused now (503 + Retry-After). Default: starvation threshold + 2 boosts,
-        # the longest a background request should ever wait.
+        # The longest a request waits for a slot: one expected to wait longer is refused at
+        # once, and one still waiting when it is reached gets 503 then (both with Retry-After),
+        # so a queue never hangs. Default: starvation threshold + 2 boosts (by then aging has
+        # made a background request high).
         self.max_queue_wait_s = (
             max_queue_wait_s
             if max_queue_wait_s is not None
@@ -199,19 +202,31 @@ class PriorityScheduler:
         self.max_waiting_seen = max(self.max_waiting_seen, len(self._waiting))
         stats.queued += 1
         self._dispatch()  # waiters of lower classes may leave a reserved slot to this one
+        # Wait for a slot until the deadline or the queue-wait bound, whichever comes first.
+        remaining = None if ctx.deadline is None else max(0.0, ctx.deadline - now)
+        bounded = remaining is None or self.max_queue_wait_s < remaining
         try:
-            remaining = None if ctx.deadline is None else max(0.0, ctx.deadline - now)
-            await asyncio.wait_for(asyncio.shield(waiter.future), remaining)
+            await asyncio.wait_for(
+                asyncio.shield(waiter.future),
+                self.max_queue_wait_s if bounded else remaining,
+            )
         except TimeoutError:
             if (
                 waiter.future.done()
                 and not waiter.future.cancelled()
                 and (waiter.future.exception() is None)
             ):
-                return  # dispatched in the same instant the deadline passed: it holds a slot
+                return  # dispatched in the same instant the wait ended: it holds a slot
             self._forget(waiter)
-            stats.expired += 1
-            raise DeadlineExceeded(f"deadline passed while queued for {self.name}") from None
+            if not bounded:
+                stats.expired += 1
+                raise DeadlineExceeded(f"deadline passed while queued for {self.name}") from None
+            stats.timed_out += 1
+            raise Overloaded(
+                f"waited {self.max_queue_wait_s:.1f} s for {self.name} without a slot",
+                retry_after_s=self._retry_after_s(),
+                code="queue_timeout",
+            ) from None
         except asyncio.CancelledError:  # the client went away: its work is never started
             if waiter.future.done() and not waiter.future.cancelled():
                 self.release()  # it had just been dispatched: hand the slot on

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 
 # Designed 5xx answers: a full queue (503 + Retry-After) and a deadline already passed (504,
 # which a fuzzed `X-Deadline-Ms: 0` asks for). Anything else >= 500 is a bug.
-DESIGNED = {503: {"overloaded", "unavailable"}, 504: {"deadline_exceeded"}}
+DESIGNED = {503: {"overloaded", "unavailable", "queue_timeout"}, 504: {"deadline_exceeded"}}
 ERROR_FIELDS = {"message", "type", "param", "code"}
 EXAMPLES = 20  # per operation and mode
 

@@ -23,7 +23,8 @@ def test_stats_and_metrics(http):
 
 
 def test_a_full_downstream_is_503_with_retry_after_never_500(served):
-    """Fill the Generator's budget and queue (4 running + 16 queued in the test app)."""
+    """Fill the Generator's budget and queue: normal requests may run 3 (the 4th slot is
+    reserved for critical and high) and queue 16 in the test app."""
     from concurrent.futures import ThreadPoolExecutor
 
     def one(_: int):
@@ -41,7 +42,7 @@ def test_a_full_downstream_is_503_with_retry_after_never_500(served):
         results = list(pool.map(one, range(28)))
     statuses = sorted(status for status, _, _ in results)
     assert set(statuses) <= {200, 503}, statuses
-    assert statuses.count(200) >= 20 and statuses.count(503) >= 1, statuses
+    assert statuses.count(200) >= 19 and statuses.count(503) >= 1, statuses
     for status, retry_after, body in results:
         if status == 503:
             assert retry_after is not None and int(retry_after) >= 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -271,3 +272,21 @@ def test_queue_waits_are_recorded_on_the_request():
         return first.queue_waits, second.queue_waits
 
     assert asyncio.run(go()) == ([0.0], [0.25])
+
+
+def test_a_request_never_waits_past_the_queue_wait_bound():
+    async def go():
+        scheduler = PriorityScheduler("gen", 1, max_queue_wait_s=0.05)
+        await scheduler.acquire(ctx(Priority.NORMAL))  # holds the only slot
+        with pytest.raises(Overloaded) as err:
+            await scheduler.acquire(ctx(Priority.BACKGROUND))
+        # a deadline sooner than the bound is still a 504
+        with pytest.raises(DeadlineExceeded):
+            await scheduler.acquire(ctx(Priority.LOW, deadline=time.monotonic() + 0.01))
+        return err.value, scheduler.stats()
+
+    error, stats = asyncio.run(go())
+    assert error.status_code == 503 and error.code == "queue_timeout" and error.retry_after_s >= 1
+    assert stats["waiting"] == 0 and stats["in_flight"] == 1
+    assert stats["classes"]["background"]["timed_out"] == 1
+    assert stats["classes"]["low"]["expired"] == 1
