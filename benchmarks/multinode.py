@@ -5,8 +5,8 @@ under load, scale-down when load stops, and no acknowledged memory lost.
 
 A head and a worker (`ray start` processes, loopback, token auth), Redis for the memory log
 and the L2 cache, and `serve deploy` of configs/cluster.yaml with only what one machine
-forces changed (see `cluster_config`). Then, with 16 clients that retry what is idempotent
-(adds carry ids, so a retried add stores one copy):
+forces changed (see `cluster_config`). Then, with clients ramped 4 -> 16 over 15 s that
+retry what is idempotent (adds carry ids, so a retried add stores one copy):
 1. load until every deployment that scales has replicas RUNNING on both nodes;
 2. SIGKILL the worker node under load; load goes on until every deployment is HEALTHY again;
 3. load stops; wait until every deployment is back at min_replicas;
@@ -82,14 +82,25 @@ class Load:
     ids: itertools.count = field(default_factory=itertools.count)
 
     def start(self, clients: int) -> None:
-        for i in range(clients):
-            thread = threading.Thread(target=self._client, args=(i,), daemon=True)
+        """`clients` more client threads."""
+        for _ in range(clients):
+            thread = threading.Thread(target=self._client, args=(len(self.threads),), daemon=True)
             thread.start()
             self.threads.append(thread)
 
+    def ramp(self, clients: int, step: int, every_s: float) -> None:
+        """`step` clients now and `step` more every `every_s` up to `clients` (a thread)."""
+
+        def grow() -> None:
+            while len(self.threads) < clients and not self.stop.is_set():
+                self.start(min(step, clients - len(self.threads)))
+                self.stop.wait(every_s)
+
+        threading.Thread(target=grow, daemon=True).start()
+
     def finish(self) -> None:
         self.stop.set()
-        for thread in self.threads:
+        for thread in list(self.threads):
             thread.join(timeout=180)
 
     def _call(self, http: httpx.Client, path: str, body: dict) -> bool:
@@ -220,7 +231,7 @@ def run(work_dir: Path, clients: int = 16, progress=print) -> dict:
         monitor = Monitor(cluster, head_node).start()
         load = Load(base_url)
         load_started = monitor.now()
-        load.start(clients)
+        load.ramp(clients, step=4, every_s=5.0)  # 4, 8, 12, 16 clients over 15 s
 
         def scaled_across_nodes() -> bool:
             """20 s of load, every deployment asked to grow runs 2+ replicas, and some
