@@ -38,6 +38,7 @@ APP = "mneme"
 DEPLOYMENTS = ("Router", "Embedder", "VectorSearch", "Generator")
 ADMIN_KEY, AGENT_KEY = "multinode-admin-" + uuid.uuid4().hex, "multinode-agent-" + uuid.uuid4().hex
 RETRYABLE = {502, 503, 504}
+CHAT = "/v1/chat/completions"
 
 
 def cluster_config(http_port: int, redis_url: str, data_dir: Path) -> dict:
@@ -77,6 +78,8 @@ class Load:
     done: Counter = field(default_factory=Counter)
     attempt_errors: Counter = field(default_factory=Counter)  # before a retry succeeded
     failed: list[str] = field(default_factory=list)  # still failing after every retry
+    failed_generation: list[str] = field(default_factory=list)  # the same, for chat
+    lock: threading.Lock = field(default_factory=threading.Lock)
     stop: threading.Event = field(default_factory=threading.Event)
     threads: list[threading.Thread] = field(default_factory=list)
     ids: itertools.count = field(default_factory=itertools.count)
@@ -104,22 +107,26 @@ class Load:
             thread.join(timeout=180)
 
     def _call(self, http: httpx.Client, path: str, body: dict) -> bool:
+        failed = self.failed_generation if path == CHAT else self.failed
         for attempt in range(8):
             try:
                 r = http.post(path, json=body)
                 if r.status_code == 200:
-                    self.done[path] += 1
+                    with self.lock:
+                        self.done[path] += 1
                     return True
                 if r.status_code not in RETRYABLE:
-                    self.failed.append(f"{path} {r.status_code} {r.text[:200]}")
+                    with self.lock:
+                        failed.append(f"{path} {r.status_code} {r.text[:200]}")
                     return False
-                self.attempt_errors[str(r.status_code)] += 1
-                wait = float(r.headers.get("retry-after", 1))
+                error, wait = str(r.status_code), float(r.headers.get("retry-after", 1))
             except httpx.HTTPError as exc:
-                self.attempt_errors[type(exc).__name__] += 1
-                wait = 1.0
+                error, wait = type(exc).__name__, 1.0
+            with self.lock:
+                self.attempt_errors[error] += 1
             time.sleep(min(wait, 0.5 * 2**attempt))
-        self.failed.append(f"{path}: gave up after 8 attempts")
+        with self.lock:
+            failed.append(f"{path}: gave up after 8 attempts")
         return False
 
     def _client(self, worker: int) -> None:
@@ -137,6 +144,9 @@ class Load:
                         self.acked[memory_id] = namespace
                 elif n % 4 == 1:
                     self._call(http, "/v1/memories/search", {"namespace": namespace, "query": text})
+                elif n % 8 == 2:  # generation: 1 request in 8
+                    message = {"role": "user", "content": text}
+                    self._call(http, CHAT, {"messages": [message], "max_tokens": 8})
                 else:
                     self._call(http, "/v1/embeddings", {"input": text})
 
@@ -202,10 +212,11 @@ def run(work_dir: Path, clients: int = 16, progress=print) -> dict:
     from tests.redis_server import RedisServer
 
     result: dict = {"clients": clients}
-    redis_server = RedisServer(appendfsync="always").start()
     env = {"MNEME_ADMIN_KEY": ADMIN_KEY, "MNEME_AGENT_KEY": AGENT_KEY}
-    cluster = LocalRayCluster(work_dir / "ray", env=env)
+    redis_server = RedisServer(appendfsync="always").start()
+    cluster = load = monitor = None
     try:
+        cluster = LocalRayCluster(work_dir / "ray", env=env)
         t = time.monotonic()
         cluster.start_head(num_cpus=6)  # logical: every replica fits here after the kill
         cluster.start_worker("worker", num_cpus=3)
@@ -277,6 +288,8 @@ def run(work_dir: Path, clients: int = 16, progress=print) -> dict:
             "requests_during_and_after": sum(load.done.values()) - sum(before_kill[0].values()),
             "attempt_errors": dict(load.attempt_errors - Counter(before_kill[1])),
             "failed_after_retries": len(load.failed) - before_kill[2],
+            "generation_failed_after_retries": len(load.failed_generation),
+            "generation_after_recovery": check_generation(base_url),
         }
         progress(f"recovered: {result['worker_kill']}")
 
@@ -300,6 +313,7 @@ def run(work_dir: Path, clients: int = 16, progress=print) -> dict:
         result["requests"] = dict(load.done)
         result["failed"] = load.failed[:20]
         result["failed_count"] = len(load.failed)
+        result["failed_generation"] = load.failed_generation[:20]
         result["memories"] = check_memories(base_url, load.acked)
         result["auth"] = check_auth(base_url)
         result["timeline"] = monitor.samples
@@ -307,9 +321,16 @@ def run(work_dir: Path, clients: int = 16, progress=print) -> dict:
                             "load_stopped": load_stopped}  # fmt: skip
         progress(f"memories: {result['memories']}, auth: {result['auth']}")
         return result
-    finally:
-        cluster.shutdown()
-        redis_server.cleanup()
+    finally:  # never leave client threads behind (a later test's app may reuse the port)
+        try:
+            if load is not None:
+                load.finish()
+            if monitor is not None:
+                monitor.stop()
+            if cluster is not None:
+                cluster.shutdown()
+        finally:
+            redis_server.cleanup()
 
 
 def config_apps(config: dict) -> list[dict]:
@@ -346,6 +367,14 @@ def check_memories(base_url: str, acked: dict[str, str]) -> dict:
             if r.status_code != 200:
                 lost.append(memory_id)
     return {"acknowledged": len(acked), "lost": len(lost), "lost_ids": lost[:20]}
+
+
+def check_generation(base_url: str) -> int:
+    """One chat once the graph has recovered: generation works again (status code)."""
+    body = {"messages": [{"role": "user", "content": "are you back?"}], "max_tokens": 8}
+    headers = {"Authorization": f"Bearer {AGENT_KEY}"}
+    with httpx.Client(base_url=base_url, headers=headers, timeout=120) as http:
+        return http.post(CHAT, json=body).status_code
 
 
 def check_auth(base_url: str) -> dict:

@@ -33,13 +33,17 @@ def free_port() -> int:
 
 
 def session_members(sid: int) -> list[int]:
+    """Live (not zombie) processes of session `sid`."""
     out = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                if os.getsid(int(entry)) == sid:
+                if os.getsid(int(entry)) != sid:
+                    continue
+                state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                if state != "Z":
                     out.append(int(entry))
-            except (ProcessLookupError, PermissionError):
+            except (ProcessLookupError, PermissionError, FileNotFoundError, IndexError):
                 pass
     return out
 
@@ -166,7 +170,12 @@ class LocalRayCluster:
         kill_node(self.nodes[name])
 
     def shutdown(self) -> None:
-        for name in sorted(self.nodes, key=lambda n: n == "head"):  # workers first
-            if self.nodes[name].poll() is None or session_members(self.nodes[name].pid):
-                kill_node(self.nodes[name])
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        """Workers first, then the head; a node already killed is not touched again (its
+        pid may since belong to another process)."""
+        try:
+            for name in sorted(self.nodes, key=lambda n: n == "head"):
+                if name not in self.killed:
+                    self.killed.add(name)
+                    kill_node(self.nodes[name])
+        finally:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)

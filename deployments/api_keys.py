@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.routing import get_route_path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from deployments.http_errors import error_response
@@ -14,6 +15,11 @@ from mneme.config import AuthConfig
 from mneme.errors import Unauthorized
 
 SCOPE_KEY = "mneme.principal"
+
+
+def route_path(scope: Scope) -> str:
+    """The path inside the application: without `root_path` (the Serve route prefix)."""
+    return get_route_path(scope) or "/"
 
 
 class ApiKeyGate:
@@ -28,7 +34,7 @@ class ApiKeyGate:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         keyring = self.keyring
-        if scope["type"] != "http" or not keyring.enabled or keyring.is_public(scope["path"]):
+        if scope["type"] != "http" or not keyring.enabled or keyring.is_public(route_path(scope)):
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers", []))

@@ -92,13 +92,17 @@ class Router:
             if namespace is not None:
                 caller.check_namespace(namespace)
             priority = caller.priority(requested, param)
-        return RequestContext(priority=priority, deadline=parse_deadline_ms(deadline_ms))
+        return RequestContext(
+            priority=priority,
+            deadline=parse_deadline_ms(deadline_ms),
+            reveal_cache=caller is None or caller.sees_every_namespace,
+        )
 
     def _done(self, route: str, ctx: RequestContext, response: Response) -> None:
         """Record the request's latency; say whether its result came from cache (X-Cache) and
         how long it queued in the Router (X-Queue-Wait-Ms)."""
         self.latency.observe((route, ctx.priority.name.lower()), time.monotonic() - ctx.received_at)
-        if (tier := ctx.cache_header()) is not None:
+        if ctx.reveal_cache and (tier := ctx.cache_header()) is not None:
             response.headers["X-Cache"] = tier
         if ctx.queue_waits:
             response.headers["X-Queue-Wait-Ms"] = f"{sum(ctx.queue_waits) * 1000.0:.1f}"
@@ -228,9 +232,12 @@ class Router:
         caller: Caller,
         x_deadline_ms: DeadlineHeader = None,
     ) -> p.PrewarmResponse:
-        """Embed texts ahead of need, at background priority (any valid key may)."""
+        """Embed texts ahead of need, at background priority (any valid key may; a key held
+        to some namespaces is not told how many were cached already)."""
         ctx = RequestContext(
-            priority=Priority.BACKGROUND, deadline=parse_deadline_ms(x_deadline_ms)
+            priority=Priority.BACKGROUND,
+            deadline=parse_deadline_ms(x_deadline_ms),
+            reveal_cache=caller is None or caller.sees_every_namespace,
         )
         out = await self.service.prewarm(req, ctx)
         self._done("cache.prewarm", ctx, response)

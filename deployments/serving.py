@@ -79,6 +79,8 @@ class MnemeService:
         req.check_limits(self.limits)
         await self.compute.embed(list(req.texts), ctx)
         computed = ctx.cache_tiers.count("miss") if ctx.cache_tiers else len(req.texts)
+        if not ctx.reveal_cache:
+            return p.PrewarmResponse(texts=len(req.texts), already_cached=None, computed=None)
         return p.PrewarmResponse(
             texts=len(req.texts), already_cached=len(req.texts) - computed, computed=computed
         )

@@ -17,6 +17,8 @@ from mneme.config import AuthConfig
 from mneme.errors import Forbidden, Unauthorized
 from mneme.priority import Priority
 
+MIN_KEY_CHARS = 16
+
 
 def digest(token: str) -> bytes:
     return hashlib.sha256(token.encode("utf-8")).digest()
@@ -29,6 +31,10 @@ class Principal:
     name: str
     namespaces: tuple[str, ...]  # fnmatch patterns
     max_priority: Priority
+
+    @property
+    def sees_every_namespace(self) -> bool:
+        return "*" in self.namespaces
 
     def check_namespace(self, namespace: str, param: str = "namespace") -> None:
         if not any(fnmatch.fnmatchcase(namespace, pattern) for pattern in self.namespaces):
@@ -62,14 +68,16 @@ class KeyRing:
         self._by_digest: dict[bytes, Principal] = {}
         for i, key in enumerate(config.keys):
             if key.key_env is not None:
-                token = environ.get(key.key_env)
-                if not token:
+                token = environ.get(key.key_env, "").strip()  # a Secret file's newline too
+                if len(token) < MIN_KEY_CHARS:
                     raise ValueError(
-                        f"auth.keys[{i}].key_env: environment variable {key.key_env!r} is not "
-                        "set on this node (set it in the runtime_env's env_vars)"
+                        f"auth.keys[{i}].key_env: environment variable {key.key_env!r} is "
+                        f"not set on this node or shorter than {MIN_KEY_CHARS} characters"
                     )
             else:
-                token = key.key.get_secret_value()
+                token = key.key.get_secret_value().strip()
+            if digest(token) in self._by_digest:
+                raise ValueError(f"auth.keys[{i}]: the same token as an earlier key")
             principal = Principal(
                 name=key.name,
                 namespaces=tuple(key.namespaces),
@@ -82,6 +90,7 @@ class KeyRing:
         return bool(self._by_digest)
 
     def is_public(self, path: str) -> bool:
+        """`path` without the app's route prefix (Serve leaves it in the ASGI path)."""
         return path in self.public_paths
 
     def authenticate(self, authorization: str | None) -> Principal | None:

@@ -366,7 +366,9 @@ def parse_batch_config(user_config: dict[str, Any] | None, default: BatchConfig)
 
 
 def parse_router_user_config(user_config: dict[str, Any] | None, default: AuthConfig) -> AuthConfig:
-    """The Router's `user_config`: `{auth: {...}}` (the API keys), else the args' `auth`."""
+    """The Router's `user_config`: `{auth: {...}}` over the args' `auth`, field by field (a
+    `keys` list replaces the args' list). `{auth: null}` returns to the args' keys. Turning
+    authentication off when the args configure keys needs `keys: []` with `disable: true`."""
     extra = set(user_config or {}) - {"auth"}
     if extra:
         raise InvalidRequest(
@@ -375,9 +377,18 @@ def parse_router_user_config(user_config: dict[str, Any] | None, default: AuthCo
         )
     if not user_config or user_config.get("auth") is None:
         return default
+    given = dict(user_config["auth"])
+    disable = given.pop("disable", False) is True
     try:
-        return AuthConfig.model_validate(user_config["auth"])
+        current = {name: getattr(default, name) for name in AuthConfig.model_fields}
+        merged = AuthConfig.model_validate({**current, **given})
     except ValidationError as exc:
+        message = f"invalid Router user_config.auth: {exc}"
+        raise InvalidRequest(message, param="user_config") from None
+    if default.keys and not merged.keys and not disable:
         raise InvalidRequest(
-            f"invalid Router user_config.auth: {exc}", param="user_config"
-        ) from None
+            "Router user_config.auth would turn API keys off (the args configure keys); "
+            "add disable: true to mean it",
+            param="user_config",
+        )
+    return merged

@@ -145,9 +145,14 @@ class NamespaceIndex:
             self._remove(replaced)
         seqs = np.arange(self._next_seq, self._next_seq + len(items), dtype=np.int64)
         self._next_seq += len(items)
-        self._index.add_with_ids(vectors, seqs)
-        if self._mirror is not None:
+        if self._mirror is not None:  # first: if the device is out of memory, nothing changed
             self._mirror.add(vectors, seqs)
+        try:
+            self._index.add_with_ids(vectors, seqs)
+        except BaseException:
+            if self._mirror is not None:
+                self._mirror.remove(seqs)
+            raise
         for item, seq in zip(items, seqs.tolist(), strict=True):
             stored = StoredMemory(item.id, self.namespace, item.text, dict(item.metadata), seq)
             self._by_id[item.id] = stored

@@ -42,6 +42,9 @@ class RequestContext:
     cache_tiers: list[str] = field(default_factory=list)
     # seconds spent queued in the Router before each downstream call (X-Queue-Wait-Ms)
     queue_waits: list[float] = field(default_factory=list)
+    # False for an API key held to some namespaces: whether a text is in the shared embedding
+    # cache would tell it what other namespaces stored or asked (X-Cache, prewarm counts)
+    reveal_cache: bool = True
 
     def cache_header(self) -> str | None:
         """X-Cache: miss if anything was computed, else the slowest tier that answered

@@ -189,8 +189,8 @@ class PrewarmRequest(ApiModel):
 
 class PrewarmResponse(ResponseModel):
     texts: int
-    already_cached: int
-    computed: int
+    already_cached: int | None  # null for a key held to some namespaces (see RequestContext)
+    computed: int | None
 
 
 # ---------------------------------------------------------------- OpenAI: embeddings

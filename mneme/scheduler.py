@@ -105,6 +105,7 @@ class PriorityScheduler:
         self._stats: dict[Priority, ClassStats] = defaultdict(ClassStats)
         self._service_s = 0.0  # EWMA of time a dispatched request holds its slot
         self.max_waiting_seen = 0
+        self._wake: asyncio.TimerHandle | None = None  # re-dispatch when a waiter ages up
         self._recent_classes: deque[tuple[float, int]] = deque(maxlen=200)  # (when, class)
 
     # -------------------------------------------------------------- capacity
@@ -211,6 +212,7 @@ class PriorityScheduler:
                 self.max_queue_wait_s if bounded else remaining,
             )
         except TimeoutError:
+            self._dispatch()  # aged up at this very moment, it may just now get a slot
             if (
                 waiter.future.done()
                 and not waiter.future.cancelled()
@@ -228,7 +230,11 @@ class PriorityScheduler:
                 code="queue_timeout",
             ) from None
         except asyncio.CancelledError:  # the client went away: its work is never started
-            if waiter.future.done() and not waiter.future.cancelled():
+            if (
+                waiter.future.done()
+                and not waiter.future.cancelled()
+                and waiter.future.exception() is None  # an expired waiter holds no slot
+            ):
                 self.release()  # it had just been dispatched: hand the slot on
             else:
                 self._forget(waiter)
@@ -255,7 +261,10 @@ class PriorityScheduler:
                 now, self.starvation_threshold_s, self.boost_interval_s
             )
             if self.in_flight >= self.limit(effective):
-                break  # the best waiter may not take a reserved slot; nor may any after it
+                # the best waiter may not take a reserved slot, nor may any after it; look
+                # again when aging next moves it up a class
+                self._wake_at_next_boost(waiter, now)
+                break
             self._waiting.remove(waiter)
             stats = self._stats[waiter.ctx.priority]
             if waiter.ctx.deadline is not None and waiter.ctx.deadline <= now:
@@ -272,6 +281,22 @@ class PriorityScheduler:
             stats.queue_wait.observe(now - waiter.enqueued_at)
             waiter.ctx.queue_waits.append(now - waiter.enqueued_at)
             waiter.future.set_result(None)
+
+    def _wake_at_next_boost(self, waiter: Waiter, now: float) -> None:
+        waited = now - waiter.enqueued_at
+        if waited < self.starvation_threshold_s:
+            delay = self.starvation_threshold_s - waited
+        else:
+            delay = self.boost_interval_s - (waited - self.starvation_threshold_s) % (
+                self.boost_interval_s
+            )
+        if self._wake is not None:
+            self._wake.cancel()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (a synchronous caller): the next event will look
+            return
+        self._wake = loop.call_later(delay + 1e-3, self._dispatch)
 
     def _pick(self, now: float) -> Waiter:
         if self.fifo:

@@ -40,7 +40,7 @@ class TorchFlat:
             raise ValueError("labels must arrive in increasing order")
         needed = self._n + len(labels)
         if needed > len(self._labels):
-            capacity = max(needed, 2 * len(self._labels), 1024)
+            capacity = max(needed, 2 * len(self._labels), 16)
             self._grow(capacity)
         rows = torch.as_tensor(np.asarray(vectors, dtype=np.float32), device=self.device)
         self._vectors[self._n : needed] = rows.to(self.dtype)
@@ -59,7 +59,7 @@ class TorchFlat:
 
     def remove(self, labels: list[int] | np.ndarray) -> None:
         held = self._labels[: self._n]
-        wanted = np.asarray(labels, dtype=np.int64)
+        wanted = np.unique(np.asarray(labels, dtype=np.int64))
         rows = np.searchsorted(held, wanted)
         inside = rows < self._n
         rows = rows[inside][held[rows[inside]] == wanted[inside]]

@@ -25,6 +25,7 @@ def test_scale_across_nodes_survive_a_worker_kill_and_lose_nothing(tmp_path):
     assert sum(kill["replicas_on_worker"].values()) >= 1, "nothing ran on the killed node"
     assert kill["failed_after_retries"] == 0, result["failed"]
     assert kill["requests_during_and_after"] > 0
+    assert kill["generation_after_recovery"] == 200  # chat may fail while vLLM restarts
     assert result["failed_count"] == 0, result["failed"]
 
     memories = result["memories"]

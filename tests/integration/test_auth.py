@@ -149,3 +149,24 @@ def test_the_openai_client_sends_its_api_key(keys_on, served):
     bad = openai.OpenAI(base_url=f"{served.base_url}/v1", api_key="wrong-key", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.embeddings.create(input="hello", model=MODEL)
+
+
+def test_a_namespace_bound_key_learns_nothing_from_the_shared_caches(keys_on):
+    """Embeddings are cached by content for everyone: a key held to some namespaces must not
+    learn, from X-Cache or prewarm counts, what texts other namespaces stored."""
+    http = keys_on
+    text = "a secret stored by the admin in auth-b"
+    r = http.post(
+        "/v1/memories",
+        json={"namespace": "auth-b", "items": [{"id": "secret", "text": text}]},
+        headers=bearer(ADMIN),
+    )
+    assert r.status_code == 200
+    r = http.post("/v1/embeddings", json={"input": text}, headers=bearer(AGENT))
+    assert r.status_code == 200 and "x-cache" not in r.headers
+    r = http.post("/v1/cache/prewarm", json={"texts": [text]}, headers=bearer(AGENT))
+    assert r.status_code == 200
+    assert r.json() == {"texts": 1, "already_cached": None, "computed": None}
+    # the admin key (every namespace) still sees the tiers
+    r = http.post("/v1/embeddings", json={"input": text}, headers=bearer(ADMIN))
+    assert r.headers["x-cache"].startswith("hit")

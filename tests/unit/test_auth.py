@@ -111,3 +111,38 @@ def test_router_user_config_replaces_the_args_keys():
         parse_router_user_config({"max_batch_size": 3}, default)
     with pytest.raises(InvalidRequest, match="user_config.auth"):
         parse_router_user_config({"auth": {"keys": [{"name": "a"}]}}, default)
+
+
+def test_rotation_merges_over_the_args_and_never_turns_keys_off_by_accident():
+    args = AuthConfig.model_validate({"keys": [{"name": "a", "key": ADMIN}]})
+    paths_only = parse_router_user_config(
+        {"auth": {"public_paths": ["/healthz", "/metrics"]}}, args
+    )
+    assert [k.name for k in paths_only.keys] == ["a"] and "/metrics" in paths_only.public_paths
+    for off in ({"auth": {"keys": []}}, {"auth": {"keys": [], "public_paths": ["/healthz"]}}):
+        with pytest.raises(InvalidRequest, match="disable: true"):
+            parse_router_user_config(off, args)
+    off = parse_router_user_config({"auth": {"keys": [], "disable": True}}, args)
+    assert off.keys == [] and not KeyRing(off).enabled
+    assert parse_router_user_config({"auth": None}, args) is args  # back to the args' keys
+
+
+def test_env_keys_are_stripped_checked_for_length_and_never_shared():
+    config = AuthConfig.model_validate({"keys": [{"name": "a", "key_env": "K"}]})
+    ring = KeyRing(config, environ={"K": AGENT + "\n"})  # as a Secret file mounts it
+    assert ring.authenticate(f"Bearer {AGENT}").name == "a"
+    with pytest.raises(ValueError, match="shorter than 16"):
+        KeyRing(config, environ={"K": "x"})
+    twice = AuthConfig.model_validate(
+        {"keys": [{"name": "wide", "key": ADMIN}, {"name": "narrow", "key_env": "K"}]}
+    )
+    with pytest.raises(ValueError, match=r"keys\[1\]: the same token"):
+        KeyRing(twice, environ={"K": ADMIN})
+
+
+def test_public_paths_are_matched_inside_the_route_prefix():
+    from deployments.api_keys import route_path
+
+    assert route_path({"path": "/mneme/healthz", "root_path": "/mneme"}) == "/healthz"
+    assert route_path({"path": "/healthz", "root_path": ""}) == "/healthz"
+    assert keyring().is_public(route_path({"path": "/mneme/healthz", "root_path": "/mneme"}))

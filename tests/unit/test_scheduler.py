@@ -290,3 +290,44 @@ def test_a_request_never_waits_past_the_queue_wait_bound():
     assert stats["waiting"] == 0 and stats["in_flight"] == 1
     assert stats["classes"]["background"]["timed_out"] == 1
     assert stats["classes"]["low"]["expired"] == 1
+
+
+def test_aging_alone_dispatches_into_a_reserved_slot():
+    """No release or arrival after it queues: the scheduler looks again when it ages up."""
+
+    async def go():
+        scheduler = PriorityScheduler(
+            "gen",
+            4,
+            reserved_share=0.25,
+            starvation_threshold_s=0.05,
+            boost_interval_s=0.02,
+            max_queue_wait_s=10.0,
+        )
+        for _ in range(3):
+            await scheduler.acquire(ctx(Priority.BACKGROUND))
+        started = time.monotonic()
+        await asyncio.wait_for(scheduler.acquire(ctx(Priority.BACKGROUND)), 1.0)
+        return time.monotonic() - started, scheduler.in_flight
+
+    waited, in_flight = asyncio.run(go())
+    assert 0.09 <= waited < 0.5 and in_flight == 4  # high after threshold + 2 boosts = 0.09 s
+
+
+def test_a_cancelled_waiter_that_had_expired_releases_nothing():
+    async def go():
+        clock = Clock()
+        scheduler = PriorityScheduler("gen", 1, timer=clock)
+        await scheduler.acquire(ctx(Priority.NORMAL))
+        waiter = asyncio.ensure_future(
+            scheduler.acquire(ctx(Priority.NORMAL, deadline=clock.now + 5.0))
+        )
+        await settle()
+        clock.now += 10.0  # its deadline has passed by the scheduler's clock
+        scheduler.release()  # _dispatch expires the waiter ...
+        waiter.cancel()  # ... and its client goes away in the same tick
+        with pytest.raises((asyncio.CancelledError, DeadlineExceeded)):
+            await waiter
+        return scheduler.in_flight
+
+    assert asyncio.run(go()) == 0
