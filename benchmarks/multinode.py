@@ -30,7 +30,8 @@ from pathlib import Path
 import httpx
 import yaml
 
-from benchmarks.ray_cluster import LocalRayCluster, free_port
+from benchmarks.ray_cluster import LocalRayCluster
+from benchmarks.serving import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -198,16 +199,6 @@ class Monitor:
         return self.samples[-1] if self.samples else {"deployments": {}}
 
 
-def wait_until(check, timeout_s: float, what: str, state=lambda: None) -> float:
-    """Seconds until `check()`; TimeoutError with `state()` (what it last saw) otherwise."""
-    start = time.monotonic()
-    while not check():
-        if time.monotonic() - start > timeout_s:
-            raise TimeoutError(f"{what}: not after {timeout_s:.0f} s; last seen {state()}")
-        time.sleep(0.5)
-    return time.monotonic() - start
-
-
 def run(work_dir: Path, clients: int = 16, progress=print) -> dict:
     from tests.redis_server import RedisServer
 
@@ -256,9 +247,8 @@ def run(work_dir: Path, clients: int = 16, progress=print) -> dict:
                 and any(r["head"] and r["worker"] for r in rows.values())
             )
 
-        wait_until(scaled_across_nodes, 180, "replicas scaled up on both nodes", monitor.latest)
-        result["scale_up"] = first_times(monitor.samples, load_started)
-        progress(f"scaled up: {result['scale_up']}")
+        cluster.wait(scaled_across_nodes, 180, "replicas scaled up on both nodes", monitor.latest)
+        progress(f"scaled up: {first_times(monitor.samples, load_started)}")
 
         before_kill = dict(load.done), dict(load.attempt_errors), len(load.failed)
         on_worker = {n: r["worker"] for n, r in monitor.latest()["deployments"].items()}
@@ -278,7 +268,7 @@ def run(work_dir: Path, clients: int = 16, progress=print) -> dict:
                 )
             )
 
-        recovery_s = wait_until(
+        recovery_s = cluster.wait(
             healthy_again, 240, "every deployment HEALTHY after the kill", monitor.latest
         )
         time.sleep(15)  # load on the recovered graph
@@ -296,16 +286,15 @@ def run(work_dir: Path, clients: int = 16, progress=print) -> dict:
         load.finish()
         load_stopped = monitor.now()
 
+        minimum = {d["name"]: d["autoscaling_config"]["min_replicas"] for d in config_apps(config)}
+
         def back_to_min() -> bool:
             rows = monitor.latest()["deployments"]
-            minimum = {
-                d["name"]: d["autoscaling_config"]["min_replicas"] for d in config_apps(config)
-            }
             return all(r["head"] + r["worker"] == minimum[n] and r["target"] == minimum[n]
                        for n, r in rows.items())  # fmt: skip
 
         result["scale_down_s"] = round(
-            wait_until(back_to_min, 240, "scale down to min", monitor.latest), 1
+            cluster.wait(back_to_min, 240, "scale down to min", monitor.latest), 1
         )
         progress(f"back to min_replicas {result['scale_down_s']} s after load stopped")
         monitor.stop()

@@ -14,7 +14,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,13 +22,9 @@ from pathlib import Path
 
 import httpx
 
+from benchmarks.serving import free_port
+
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def session_members(sid: int) -> list[int]:
@@ -148,8 +143,15 @@ class LocalRayCluster:
     def applications(self) -> dict:
         return self.get("/api/serve/applications/").json()
 
-    def wait(self, ready: Callable[[], bool], timeout_s: float, what: str) -> float:
-        """Seconds until `ready()`; fails early when a node process exits."""
+    def wait(
+        self,
+        ready: Callable[[], bool],
+        timeout_s: float,
+        what: str,
+        state: Callable[[], object] = lambda: None,
+    ) -> float:
+        """Seconds until `ready()`; fails early when a node process (not one we killed) exits,
+        and on timeout says what `state()` last showed."""
         start = time.monotonic()
         while time.monotonic() - start < timeout_s:
             for name, proc in self.nodes.items():
@@ -162,7 +164,7 @@ class LocalRayCluster:
             except (httpx.HTTPError, KeyError, ValueError):
                 pass
             time.sleep(0.25)
-        raise TimeoutError(f"{what} not ready after {timeout_s:.0f} s")
+        raise TimeoutError(f"{what} not ready after {timeout_s:.0f} s; last seen {state()}")
 
     def kill(self, name: str) -> None:
         """A node failure: SIGKILL of every process of the node."""

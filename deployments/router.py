@@ -234,11 +234,7 @@ class Router:
     ) -> p.PrewarmResponse:
         """Embed texts ahead of need, at background priority (any valid key may; a key held
         to some namespaces is not told how many were cached already)."""
-        ctx = RequestContext(
-            priority=Priority.BACKGROUND,
-            deadline=parse_deadline_ms(x_deadline_ms),
-            reveal_cache=caller is None or caller.sees_every_namespace,
-        )
+        ctx = self._context(caller, None, Priority.BACKGROUND.name, x_deadline_ms)
         out = await self.service.prewarm(req, ctx)
         self._done("cache.prewarm", ctx, response)
         return out

@@ -37,6 +37,13 @@ class Waiter:
         boosts = 1 + int((waited - threshold_s) // boost_s)
         return max(0, int(self.ctx.priority) - boosts)
 
+    def until_next_boost(self, now: float, threshold_s: float, boost_s: float) -> float:
+        """Seconds until `effective_class` next moves up."""
+        waited = now - self.enqueued_at
+        if waited < threshold_s:
+            return threshold_s - waited
+        return boost_s - (waited - threshold_s) % boost_s
+
     def order(self, now: float, threshold_s: float, boost_s: float) -> tuple:
         deadline = self.ctx.deadline if self.ctx.deadline is not None else math.inf
         return (self.effective_class(now, threshold_s, boost_s), deadline, self.seq)
@@ -283,13 +290,7 @@ class PriorityScheduler:
             waiter.future.set_result(None)
 
     def _wake_at_next_boost(self, waiter: Waiter, now: float) -> None:
-        waited = now - waiter.enqueued_at
-        if waited < self.starvation_threshold_s:
-            delay = self.starvation_threshold_s - waited
-        else:
-            delay = self.boost_interval_s - (waited - self.starvation_threshold_s) % (
-                self.boost_interval_s
-            )
+        delay = waiter.until_next_boost(now, self.starvation_threshold_s, self.boost_interval_s)
         if self._wake is not None:
             self._wake.cancel()
         try:

@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
+
+from benchmarks.serving import free_port  # noqa: F401  (one helper; tests import it from here)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture()
