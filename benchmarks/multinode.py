@@ -39,6 +39,15 @@ APP = "mneme"
 DEPLOYMENTS = ("Router", "Embedder", "VectorSearch", "Generator")
 ADMIN_KEY, AGENT_KEY = "multinode-admin-" + uuid.uuid4().hex, "multinode-agent-" + uuid.uuid4().hex
 RETRYABLE = {502, 503, 504}
+
+
+def lost_with_its_replica(r: httpx.Response) -> bool:
+    """Ray Serve's proxy answers a plain-text 500 when the ingress (Router) replica holding
+    the request dies, e.g. with its node; Mneme's own errors are always JSON. Whether the
+    request was applied is unknown, so only an idempotent call may be retried on it."""
+    return r.status_code == 500 and "json" not in r.headers.get("content-type", "")
+
+
 CHAT = "/v1/chat/completions"
 
 
@@ -116,11 +125,14 @@ class Load:
                     with self.lock:
                         self.done[path] += 1
                     return True
-                if r.status_code not in RETRYABLE:
+                if lost_with_its_replica(r):
+                    error, wait = "500 (Router replica lost)", 1.0
+                elif r.status_code in RETRYABLE:
+                    error, wait = str(r.status_code), float(r.headers.get("retry-after", 1))
+                else:
                     with self.lock:
                         failed.append(f"{path} {r.status_code} {r.text[:200]}")
                     return False
-                error, wait = str(r.status_code), float(r.headers.get("retry-after", 1))
             except httpx.HTTPError as exc:
                 error, wait = type(exc).__name__, 1.0
             with self.lock:
