@@ -42,6 +42,8 @@ bench: install
 	$(BIN)/python -m benchmarks.cache_policy
 	$(BIN)/python -m benchmarks.cache_http
 	$(BIN)/python -m benchmarks.priority
+	$(BIN)/python -m benchmarks.priority --variants priority no-preemption \
+	    --background-max-tokens 120 --name priority_long_background
 	$(BIN)/python -m benchmarks.compare    # naive vs compute-aware vs Infinity (~15 min)
 
 # The peer embedding server (Infinity) in its own venv, .venv-infinity: its pins clash with ours.

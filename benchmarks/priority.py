@@ -1,13 +1,15 @@
 """Priority Router vs FIFO Router at twice the graph's capacity, in one run.
 
-    python -m benchmarks.priority [--seconds 30]
+    python -m benchmarks.priority [--seconds 30] [--variants priority no-preemption fifo]
+    python -m benchmarks.priority --background-max-tokens 120 --name priority_long_background
 
 The Generator gets a small budget (max_ongoing_requests 5 -> 4 in flight) so the graph
-saturates on chat. Steps, for the priority Router and then the FIFO Router (same graph,
-`scheduler.policy: fifo`): measure capacity closed-loop; measure critical latency alone;
-offer 2x capacity open-loop (Poisson), 80 % background / 20 % critical. Reports critical
-p95 loaded / unloaded, the longest background wait, background throughput, the rejected
-share and the most requests the Router's queues held; writes JSON and a plot.
+saturates on chat. Steps, for each Router variant (the shipped scheduler, one without
+preemption, FIFO; same graph): measure capacity closed-loop; measure critical latency alone;
+offer the critical arrivals alone (no background: the floor any scheduler can reach); offer
+2x capacity open-loop (Poisson), 80 % background / 20 % critical. Reports critical p95
+loaded / unloaded, the longest background wait, background throughput, the rejected share,
+preemptions and the most requests the Router's queues held; writes JSON and a plot.
 """
 
 from __future__ import annotations
@@ -25,23 +27,33 @@ import numpy as np
 from benchmarks.serving import served_graph
 
 RESULTS = Path(__file__).resolve().parent / "results"
-MAX_TOKENS = 24
+MAX_TOKENS = {"critical": 24, "background": 24}  # --background-max-tokens changes the latter
+CRITICAL_SHARE = 0.2
 GENERATOR = {"Generator": {"max_ongoing_requests": 5}}
+VARIANTS = {  # scheduler settings over the shipped defaults (reserve 25 %, preemption on)
+    "priority": {"policy": "priority"},
+    "no-preemption": {"policy": "priority", "preempt": False},
+    "reserve-50": {"policy": "priority", "reserved_share": 0.5},
+    "fifo": {"policy": "fifo"},
+}
 
 
-def body(tag: str) -> dict:
+def body(tag: str, max_tokens: int) -> dict:
     return {
         "messages": [{"role": "user", "content": f"{tag} {random.random()}"}],
-        "max_tokens": MAX_TOKENS,
+        "max_tokens": max_tokens,
         "temperature": 1.0,
     }
 
 
-async def one(client: httpx.AsyncClient, priority: str, t0: float) -> dict:
+async def one(client: httpx.AsyncClient, priority: str, t0: float, size: str | None = None) -> dict:
+    """One chat of class `priority`, as long as `size`'s (default: its own class's)."""
     sent = time.perf_counter()
     try:
         r = await client.post(
-            "/v1/chat/completions", json=body(priority), headers={"X-Priority": priority}
+            "/v1/chat/completions",
+            json=body(priority, MAX_TOKENS[size or priority]),
+            headers={"X-Priority": priority},
         )
         status = r.status_code
         queued_ms = float(r.headers.get("x-queue-wait-ms", "nan"))
@@ -64,7 +76,7 @@ async def capacity(client: httpx.AsyncClient, seconds: float = 8.0) -> float:
     async def worker():
         nonlocal done
         while time.perf_counter() < stop:
-            await one(client, "normal", 0.0)
+            await one(client, "normal", 0.0, size="background")  # the bulk of the load
             done += 1
 
     await asyncio.gather(*(worker() for _ in range(8)))
@@ -99,14 +111,22 @@ async def measure(base_url: str, seconds: float, policy: str) -> dict:
     limits = httpx.Limits(max_connections=1000, max_keepalive_connections=1000)
     async with httpx.AsyncClient(base_url=base_url, timeout=120, limits=limits) as client:
         for _ in range(5):
-            await one(client, "normal", 0.0)
+            await one(client, "normal", 0.0, size="critical")
         cap = await capacity(client)
         alone = [(await one(client, "critical", 0.0))["latency_s"] for _ in range(30)]
         print(
             f"[{policy}] capacity {cap:.1f} req/s; critical alone p95 {p95(alone) * 1000:.0f} ms",
             flush=True,
         )
-        rows, max_waiting = await open_loop(client, 2 * cap, seconds, 0.2, seed=7)
+        # the floor any scheduler can reach: the same critical arrivals with no background
+        only, _ = await open_loop(client, 2 * cap * CRITICAL_SHARE, seconds / 2, 1.0, seed=11)
+        floor = p95([r["latency_s"] for r in only if r["status"] == 200])
+        print(
+            f"[{policy}] critical traffic alone (no background): p95 {floor * 1000:.0f} ms "
+            f"({floor / p95(alone):.1f}x a lone request)",
+            flush=True,
+        )
+        rows, max_waiting = await open_loop(client, 2 * cap, seconds, CRITICAL_SHARE, seed=7)
         sched = (await client.get("/v1/stats")).json()["scheduler"]["generator"]
     ok = [r for r in rows if r["status"] == 200]
     crit = [r["latency_s"] for r in ok if r["class"] == "critical"]
@@ -119,6 +139,8 @@ async def measure(base_url: str, seconds: float, policy: str) -> dict:
         "critical_alone_p95_ms": p95(alone) * 1000,
         "critical_loaded_p95_ms": p95(crit) * 1000,
         "critical_p95_ratio": p95(crit) / p95(alone),
+        "critical_without_background_p95_ms": floor * 1000,
+        "critical_without_background_ratio": floor / p95(alone),
         # the Router's queue wait (X-Queue-Wait-Ms): what aging bounds; and end to end
         "longest_background_wait_s": max((r["queue_wait_s"] for r in bg), default=float("nan")),
         "longest_background_latency_s": max((r["latency_s"] for r in bg), default=float("nan")),
@@ -130,7 +152,12 @@ async def measure(base_url: str, seconds: float, policy: str) -> dict:
         "rejected_share": sum(r["status"] == 503 for r in rows) / len(rows),
         "failed_other": sum(r["status"] not in (200, 503) for r in rows),
         "max_queued_requests": max_waiting,
+        "critical_loaded_service_p95_ms": p95(
+            [r["latency_s"] - r["queue_wait_s"] for r in ok if r["class"] == "critical"]
+        )
+        * 1000,  # fmt: skip
         "boosted": sched["classes"].get("background", {}).get("boosted", 0),
+        "preempted": sched["classes"].get("background", {}).get("preempted", 0),
         "requests": rows,
     }
     print(
@@ -177,33 +204,33 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--max-queued-per-class", type=int, default=64)
     parser.add_argument(
-        "--reserved-shares",
-        type=float,
+        "--background-max-tokens",
+        type=int,
+        default=MAX_TOKENS["background"],
+        help="longer background generations: what a critical request would otherwise wait for",
+    )
+    parser.add_argument("--name", default="priority", help="results/<name>.json and .png")
+    parser.add_argument(
+        "--variants",
         nargs="+",
-        default=[0.25, 0.5],
-        help="priority Routers to run, by scheduler.reserved_share (the first is the default)",
+        choices=sorted(VARIANTS),
+        default=["priority", "no-preemption", "fifo"],
+        help="Routers to compare, in this order (priority: the shipped scheduler defaults)",
     )
     args = parser.parse_args()
+    MAX_TOKENS["background"] = args.background_max_tokens
     results = []
-    runs = [("priority", share) for share in args.reserved_shares] + [("fifo", 0.0)]
-    for policy, share in runs:
-        config = {
-            "cache": {"enabled": False},
-            "scheduler": {
-                "policy": policy,
-                "max_queued_per_class": args.max_queued_per_class,
-                "reserved_share": share,
-            },
-        }
-        name = f"priority, reserved {share:.0%}" if policy == "priority" else policy
+    for name in args.variants:
+        scheduler = {**VARIANTS[name], "max_queued_per_class": args.max_queued_per_class}
+        config = {"cache": {"enabled": False}, "scheduler": scheduler}
         with served_graph(config, GENERATOR) as base_url:
             results.append(asyncio.run(measure(base_url, args.seconds, name)))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "priority.json").write_text(
+    (RESULTS / f"{args.name}.json").write_text(
         json.dumps({"args": vars(args), "results": results}, indent=1)
     )
-    plot(results, RESULTS / "priority.png")
-    print(f"wrote {RESULTS / 'priority.json'} and {RESULTS / 'priority.png'}")
+    plot(results, RESULTS / f"{args.name}.png")
+    print(f"wrote {RESULTS / args.name}.json and .png")
 
 
 if __name__ == "__main__":

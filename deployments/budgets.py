@@ -45,6 +45,7 @@ def make_schedulers(config: SchedulerConfig) -> dict[str, PriorityScheduler]:
             else config.max_queue_wait_ms / 1000.0,
             fifo=config.policy == "fifo",
             reserved_share=config.reserved_share,
+            preempt=config.preempt,
         )
         for key in DEPLOYMENT_NAMES
     }

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import itertools
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -36,7 +38,7 @@ from mneme.records import (
     SearchQuery,
     StoredMemory,
 )
-from mneme.scheduler import PriorityScheduler
+from mneme.scheduler import Lease, Preempted, PriorityScheduler
 
 DEPLOYMENT_NAMES = {
     "embedder": "Embedder",
@@ -95,42 +97,56 @@ class Downstreams:
             per_router = self.router.coalesce_max_in_flight * replicas // routers
             self.embed_coalescer.max_in_flight = max(1, per_router)
 
-    def _slot(self, key: str, ctx: RequestContext):
+    def _slot(
+        self,
+        key: str,
+        ctx: RequestContext,
+        preemptible: bool = False,
+        resume: Lease | None = None,
+    ):
         scheduler = self.schedulers.get(key)
-        return scheduler.slot(ctx) if scheduler is not None else contextlib.nullcontext()
+        if scheduler is None:
+            return contextlib.nullcontext(Lease.unscheduled(ctx))
+        return scheduler.slot(ctx, preemptible=preemptible, resume=resume)
 
     async def _call(
         self,
         key: str,
-        start: Callable[[], DeploymentResponse | asyncio.Future],
+        start: Callable[[int], DeploymentResponse | asyncio.Future],
         ctx: RequestContext,
+        preemptible: bool = False,
     ) -> Any:
+        """`start(attempt)` sends the call; a preemptible one whose slot a more urgent request
+        takes is cancelled and sent again (attempt 1) once it gets a slot back."""
         name = DEPLOYMENT_NAMES[key]
-        async with self._slot(key, ctx):
-            response = start()
-            remaining = ctx.remaining_s()
-            try:
-                if remaining is None:
-                    return await response
-                if remaining <= 0:
-                    raise TimeoutError
-                return await asyncio.wait_for(_awaited(response), remaining)
-            except TimeoutError:
-                response.cancel()
-                raise DeadlineExceeded(f"deadline passed while waiting for {name}") from None
-            except Exception as exc:
-                mapped = _translate(exc, name)
-                if mapped is None:
-                    raise
-                raise mapped from exc
+        resume = None
+        for attempt in itertools.count():
+            async with self._slot(key, ctx, preemptible, resume) as lease:
+                response = start(attempt)
+                remaining = ctx.remaining_s()
+                try:
+                    if remaining is not None and remaining <= 0:
+                        raise TimeoutError
+                    return await lease.watch(_awaited(response), remaining)
+                except Preempted:
+                    response.cancel()
+                    resume = lease
+                except TimeoutError:
+                    response.cancel()
+                    raise DeadlineExceeded(f"deadline passed while waiting for {name}") from None
+                except Exception as exc:
+                    mapped = _translate(exc, name)
+                    if mapped is None:
+                        raise
+                    raise mapped from exc
 
     # ------------------------------------------------------------------ Embedder
     async def embed(self, texts: list[str], ctx: RequestContext) -> Embeddings:
         """One Embedder call, merged with other requests' concurrent embeds when coalescing
         (each request still takes its own scheduler slot, so priorities hold)."""
         if self.embed_coalescer is not None:
-            return await self._call("embedder", lambda: self.embed_coalescer.submit(texts), ctx)
-        return await self._call("embedder", lambda: self.embedder.embed.remote(texts), ctx)
+            return await self._call("embedder", lambda _: self.embed_coalescer.submit(texts), ctx)
+        return await self._call("embedder", lambda _: self.embedder.embed.remote(texts), ctx)
 
     # -------------------------------------------------------------- VectorSearch
     async def upsert(
@@ -138,23 +154,23 @@ class Downstreams:
     ) -> list[str]:
         return await self._call(
             "vector_search",
-            lambda: self.vector_search.upsert.remote(namespace, items, vectors),
+            lambda _: self.vector_search.upsert.remote(namespace, items, vectors),
             ctx,
         )
 
     async def search(self, query: SearchQuery, ctx: RequestContext) -> list[SearchHit]:
         return await self._call(
-            "vector_search", lambda: self.vector_search.search.remote(query), ctx
+            "vector_search", lambda _: self.vector_search.search.remote(query), ctx
         )
 
     async def get(self, namespace: str, memory_id: str, ctx: RequestContext) -> StoredMemory | None:
         return await self._call(
-            "vector_search", lambda: self.vector_search.get.remote(namespace, memory_id), ctx
+            "vector_search", lambda _: self.vector_search.get.remote(namespace, memory_id), ctx
         )
 
     async def delete(self, namespace: str, memory_id: str, ctx: RequestContext) -> bool:
         return await self._call(
-            "vector_search", lambda: self.vector_search.delete.remote(namespace, memory_id), ctx
+            "vector_search", lambda _: self.vector_search.delete.remote(namespace, memory_id), ctx
         )
 
     async def page(
@@ -162,13 +178,24 @@ class Downstreams:
     ) -> MemoryPage:
         return await self._call(
             "vector_search",
-            lambda: self.vector_search.page.remote(namespace, limit, cursor),
+            lambda _: self.vector_search.page.remote(namespace, limit, cursor),
             ctx,
         )
 
     # ----------------------------------------------------------------- Generator
     async def generate(self, request: GenerationRequest, ctx: RequestContext) -> Generation:
-        return await self._call("generator", lambda: self.generator.generate.remote(request), ctx)
+        """Preemptible: nothing has reached the client yet, so a critical or high request may
+        take its slot; it is then generated again, under a new vLLM request id."""
+
+        def start(attempt: int) -> DeploymentResponse:
+            if attempt:
+                retried = f"{request.request_id}-preempted{attempt}"
+                return self.generator.generate.remote(
+                    dataclasses.replace(request, request_id=retried)
+                )
+            return self.generator.generate.remote(request)
+
+        return await self._call("generator", start, ctx, preemptible=True)
 
     async def generate_stream(
         self, request: GenerationRequest, ctx: RequestContext

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 SCHEDULER_COUNTS = ("queued", "dispatched", "rejected", "expired", "cancelled", "timed_out",
-                    "boosted")  # fmt: skip
+                    "boosted", "preempted")  # fmt: skip
 
 
 def _sample(name: str, labels: dict[str, str], value: float) -> str:

@@ -257,6 +257,12 @@ class SchedulerConfig(StrictModel):
         description="Share of each downstream's budget (rounded down) that only critical and "
         "high requests may use, so they never wait behind lower classes' work in flight.",
     )
+    preempt: bool = Field(
+        True,
+        description="A critical or high request that finds every slot taken cancels the most "
+        "recently started generation dispatched as low or background (never a stream; each "
+        "at most once), which queues again at its old place and is generated anew.",
+    )
     capacity_refresh_s: float = Field(
         5.0, gt=0, description="How often budgets follow replica counts (autoscaling)."
     )

@@ -4,7 +4,10 @@ Ray Serve has no request priority; the Router holds requests here and releases t
 downstream only while it has capacity (a concurrency budget). Order: strict by class, earliest
 deadline first inside a class, FIFO otherwise. A request waiting longer than the starvation
 threshold moves up one class, and again every boost interval, so background work is never
-starved forever. Queues are bounded per class. Pure asyncio with an injectable clock.
+starved forever. Queues are bounded per class. With preemption, a critical or high request
+that finds every slot taken cancels the most recently started low or background call that was
+marked preemptible; that call goes back to the head of its queue with the age it had (each at
+most once). Pure asyncio with an injectable clock.
 """
 
 from __future__ import annotations
@@ -27,8 +30,11 @@ from mneme.stats import LatencyWindow
 class Waiter:
     ctx: RequestContext
     seq: int
-    enqueued_at: float
-    future: asyncio.Future = field(repr=False)
+    enqueued_at: float  # first arrival: aging and FIFO order count from here
+    future: asyncio.Future = field(repr=False)  # -> its Lease
+    queued_at: float = 0.0  # this time in the queue (later than enqueued_at once preempted)
+    waited_before_s: float = 0.0  # queued before an earlier dispatch that was preempted
+    preemptible: bool = False
 
     def effective_class(self, now: float, threshold_s: float, boost_s: float) -> int:
         waited = now - self.enqueued_at
@@ -49,6 +55,53 @@ class Waiter:
         return (self.effective_class(now, threshold_s, boost_s), deadline, self.seq)
 
 
+class Preempted(Exception):
+    """Raised in a preemptible slot's body when a critical or high request took its slot; the
+    caller cancels what it started and asks again with `slot(ctx, resume=lease)`."""
+
+
+@dataclass(eq=False)
+class Lease:
+    """A slot held: who holds it, since when, and whether a more urgent request may take it."""
+
+    ctx: RequestContext
+    seq: int
+    enqueued_at: float
+    queue_wait_s: float  # waited before this dispatch (and before any earlier one)
+    dispatched_class: int  # effective class at dispatch
+    preemptible: bool
+    preempted: asyncio.Future | None = field(default=None, repr=False)
+
+    @classmethod
+    def unscheduled(cls, ctx: RequestContext) -> Lease:
+        """What a call holds when no scheduler stands in front of its downstream."""
+        return cls(ctx, -1, 0.0, 0.0, int(ctx.priority), False)
+
+    @property
+    def giving_back(self) -> bool:
+        """Preempted, and not yet released."""
+        return self.preempted is not None and self.preempted.done()
+
+    async def watch(self, awaitable, timeout_s: float | None = None):
+        """Awaits `awaitable` (up to `timeout_s`); raises Preempted if the slot is taken."""
+        if self.preempted is None:
+            return await asyncio.wait_for(awaitable, timeout_s)
+        work = asyncio.ensure_future(awaitable)
+        try:
+            done, _ = await asyncio.wait(
+                {work, self.preempted}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
+        except asyncio.CancelledError:
+            work.cancel()
+            raise
+        if work in done:
+            return work.result()
+        work.cancel()
+        if self.preempted in done:
+            raise Preempted
+        raise TimeoutError
+
+
 @dataclass
 class ClassStats:
     queued: int = 0
@@ -58,6 +111,7 @@ class ClassStats:
     cancelled: int = 0
     timed_out: int = 0  # waited max_queue_wait_s without a slot: 503
     boosted: int = 0
+    preempted: int = 0  # gave its slot to a critical or high request and queued again
     queue_wait: LatencyWindow = field(default_factory=LatencyWindow)
 
     def as_dict(self) -> dict:
@@ -69,6 +123,7 @@ class ClassStats:
             "cancelled": self.cancelled,
             "timed_out": self.timed_out,
             "boosted": self.boosted,
+            "preempted": self.preempted,
             "queue_wait": self.queue_wait.summary(),
         }
 
@@ -87,6 +142,7 @@ class PriorityScheduler:
         max_queue_wait_s: float | None = None,
         fifo: bool = False,
         reserved_share: float = 0.0,
+        preempt: bool = False,
         timer: Callable[[], float] = time.monotonic,
     ):
         self.name = name
@@ -105,8 +161,10 @@ class PriorityScheduler:
         )
         self.fifo = fifo
         self.reserved_share = 0.0 if fifo else reserved_share
+        self.preempt = preempt and not fifo
         self.timer = timer
         self.in_flight = 0
+        self.leases: list[Lease] = []  # the slots held, oldest first
         self._waiting: list[Waiter] = []
         self._seq = itertools.count()
         self._stats: dict[Priority, ClassStats] = defaultdict(ClassStats)
@@ -131,6 +189,12 @@ class PriorityScheduler:
         if effective_class <= Priority.HIGH:
             return self.capacity
         return self.capacity - self.reserved
+
+    def may_start(self, effective_class: int) -> bool:
+        return self.in_flight < self.limit(effective_class)
+
+    def _urgent_waiting(self) -> int:
+        return sum(1 for w in self._waiting if w.ctx.priority <= Priority.HIGH)
 
     def queued(self, priority: Priority | None = None) -> int:
         if priority is None:
@@ -184,48 +248,61 @@ class PriorityScheduler:
 
     # ----------------------------------------------------------- the queue
     @asynccontextmanager
-    async def slot(self, ctx: RequestContext) -> AsyncIterator[None]:
-        await self.acquire(ctx)
+    async def slot(
+        self, ctx: RequestContext, *, preemptible: bool = False, resume: Lease | None = None
+    ) -> AsyncIterator[Lease]:
+        """Holds a slot for the body. `preemptible`: a critical or high request may take it
+        (the body sees Preempted through `lease.watch`); `resume`: the lease a preempted call
+        held, so it queues again at the place and age it had."""
+        lease = await self.acquire(ctx, preemptible=preemptible, resume=resume)
         started = self.timer()
         try:
-            yield
+            yield lease
         finally:
-            held = self.timer() - started
-            self._service_s = held if self._service_s == 0 else 0.9 * self._service_s + 0.1 * held
-            self.release()
+            if not lease.giving_back:
+                held = self.timer() - started
+                self._service_s = (
+                    held if self._service_s == 0 else 0.9 * self._service_s + 0.1 * held
+                )
+            self.release(lease)
 
-    async def acquire(self, ctx: RequestContext) -> None:
-        self._admit(ctx)
+    async def acquire(
+        self, ctx: RequestContext, *, preemptible: bool = False, resume: Lease | None = None
+    ) -> Lease:
         stats = self._stats[ctx.priority]
         now = self.timer()
-        if self.in_flight < self.limit(ctx.priority) and not self._waiting:
-            self.in_flight += 1
+        if resume is None:
+            self._admit(ctx)
+        elif ctx.deadline is not None and ctx.deadline <= now:
+            stats.expired += 1
+            raise DeadlineExceeded(f"deadline passed before {self.name} could start it again")
+        if resume is None and not self._waiting and self.may_start(int(ctx.priority)):
             stats.dispatched += 1
             self._recent_classes.append((now, int(ctx.priority)))
             stats.queue_wait.observe(0.0)
             ctx.queue_waits.append(0.0)
-            return
-        waiter = Waiter(ctx, next(self._seq), now, asyncio.get_running_loop().create_future())
+            return self._lease(ctx, next(self._seq), now, 0.0, int(ctx.priority), preemptible)
+        future = asyncio.get_running_loop().create_future()
+        if resume is None:
+            waiter = Waiter(ctx, next(self._seq), now, future, now, 0.0, preemptible)
+        else:  # preempted: back at its old place, with its age; never preempted twice
+            waiter = Waiter(ctx, resume.seq, resume.enqueued_at, future, now, resume.queue_wait_s)
         self._waiting.append(waiter)
         self.max_waiting_seen = max(self.max_waiting_seen, len(self._waiting))
         stats.queued += 1
         self._dispatch()  # waiters of lower classes may leave a reserved slot to this one
         # Wait for a slot until the deadline or the queue-wait bound, whichever comes first.
+        bound_s = max(0.0, self.max_queue_wait_s - waiter.waited_before_s)
         remaining = None if ctx.deadline is None else max(0.0, ctx.deadline - now)
-        bounded = remaining is None or self.max_queue_wait_s < remaining
+        bounded = remaining is None or bound_s < remaining
         try:
-            await asyncio.wait_for(
-                asyncio.shield(waiter.future),
-                self.max_queue_wait_s if bounded else remaining,
+            return await asyncio.wait_for(
+                asyncio.shield(waiter.future), bound_s if bounded else remaining
             )
         except TimeoutError:
             self._dispatch()  # aged up at this very moment, it may just now get a slot
-            if (
-                waiter.future.done()
-                and not waiter.future.cancelled()
-                and (waiter.future.exception() is None)
-            ):
-                return  # dispatched in the same instant the wait ended: it holds a slot
+            if _holds_slot(waiter):
+                return waiter.future.result()  # dispatched in the instant the wait ended
             self._forget(waiter)
             if not bounded:
                 stats.expired += 1
@@ -237,12 +314,8 @@ class PriorityScheduler:
                 code="queue_timeout",
             ) from None
         except asyncio.CancelledError:  # the client went away: its work is never started
-            if (
-                waiter.future.done()
-                and not waiter.future.cancelled()
-                and waiter.future.exception() is None  # an expired waiter holds no slot
-            ):
-                self.release()  # it had just been dispatched: hand the slot on
+            if _holds_slot(waiter):
+                self.release(waiter.future.result())  # just dispatched: hand the slot on
             else:
                 self._forget(waiter)
             stats.cancelled += 1
@@ -256,9 +329,48 @@ class PriorityScheduler:
         if not waiter.future.done():
             waiter.future.cancel()
 
-    def release(self) -> None:
+    def _lease(
+        self,
+        ctx: RequestContext,
+        seq: int,
+        enqueued_at: float,
+        queue_wait_s: float,
+        dispatched_class: int,
+        preemptible: bool,
+    ) -> Lease:
+        self.in_flight += 1
+        preempted = None
+        if preemptible and self.preempt:
+            preempted = asyncio.get_running_loop().create_future()
+        lease = Lease(ctx, seq, enqueued_at, queue_wait_s, dispatched_class, preempted is not None)
+        lease.preempted = preempted
+        self.leases.append(lease)
+        return lease
+
+    def release(self, lease: Lease) -> None:
         self.in_flight -= 1
+        self.leases.remove(lease)
         self._dispatch()
+
+    def _preempt(self) -> None:
+        """Each critical or high request still queued (every slot is taken, or it would have
+        been dispatched) takes the slot of the most recently started preemptible low or
+        background call (one that ran as low or background, not aged past that). The
+        preempted call queues again (`resume`)."""
+        urgent = self._urgent_waiting()
+        if not urgent:
+            return
+        freeing = sum(1 for lease in self.leases if lease.giving_back)  # not yet released
+        victims = [
+            lease
+            for lease in reversed(self.leases)
+            if lease.preempted is not None
+            and not lease.giving_back
+            and lease.dispatched_class >= Priority.LOW
+        ]
+        for lease in victims[: max(0, urgent - freeing)]:
+            lease.preempted.set_result(None)
+            self._stats[lease.ctx.priority].preempted += 1
 
     def _dispatch(self) -> None:
         now = self.timer()
@@ -267,7 +379,7 @@ class PriorityScheduler:
             effective = waiter.effective_class(
                 now, self.starvation_threshold_s, self.boost_interval_s
             )
-            if self.in_flight >= self.limit(effective):
+            if not self.may_start(effective):
                 # the best waiter may not take a reserved slot, nor may any after it; look
                 # again when aging next moves it up a class
                 self._wake_at_next_boost(waiter, now)
@@ -282,12 +394,23 @@ class PriorityScheduler:
                 continue
             if effective < waiter.ctx.priority:
                 stats.boosted += 1
-            self.in_flight += 1
             stats.dispatched += 1
             self._recent_classes.append((now, int(waiter.ctx.priority)))
-            stats.queue_wait.observe(now - waiter.enqueued_at)
-            waiter.ctx.queue_waits.append(now - waiter.enqueued_at)
-            waiter.future.set_result(None)
+            waited = now - waiter.queued_at
+            stats.queue_wait.observe(waited)
+            waiter.ctx.queue_waits.append(waited)
+            waiter.future.set_result(
+                self._lease(
+                    waiter.ctx,
+                    waiter.seq,
+                    waiter.enqueued_at,
+                    waiter.waited_before_s + waited,
+                    effective,
+                    waiter.preemptible,
+                )
+            )
+        if self.preempt:
+            self._preempt()
 
     def _wake_at_next_boost(self, waiter: Waiter, now: float) -> None:
         delay = waiter.until_next_boost(now, self.starvation_threshold_s, self.boost_interval_s)
@@ -319,3 +442,10 @@ class PriorityScheduler:
             "policy": "fifo" if self.fifo else "priority",
             "classes": {p.name.lower(): s.as_dict() for p, s in sorted(self._stats.items())},
         }
+
+
+def _holds_slot(waiter: Waiter) -> bool:
+    """Dispatched (an expired or cancelled waiter holds none)."""
+    return (
+        waiter.future.done() and not waiter.future.cancelled() and waiter.future.exception() is None
+    )

@@ -108,3 +108,28 @@ def test_a_deadline_that_passes_in_the_queue_is_504_never_computed(served, http)
         assert int(r.headers["retry-after"]) >= 1
     classes = generator_scheduler(http)["classes"]["normal"]
     assert classes["expired"] + classes["rejected"] > before
+
+
+def test_a_critical_request_preempts_a_long_background_generation(served, http):
+    """The budget is full: three long background chats (all background may hold) and a long
+    `high` one in the reserved slot. A critical chat takes the newest background one's slot at
+    once; that chat is generated again afterwards and still succeeds."""
+    wait_for(lambda: generator_scheduler(http)["capacity"] == 4)
+    classes = generator_scheduler(http)["classes"]
+    before = classes.get("background", {}).get("preempted", 0)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        background = [pool.submit(chat, served, "background", 256) for _ in range(3)]
+        wait_for(lambda: generator_scheduler(http)["in_flight"] == 3)
+        high = pool.submit(chat, served, "high", 256)
+        wait_for(lambda: generator_scheduler(http)["in_flight"] == 4)
+        started = time.monotonic()
+        critical = chat(served, "critical", 8)
+        critical_s = time.monotonic() - started
+        still_running = sum(not f.done() for f in background)
+        statuses = [f.result().status_code for f in [high, *background]]
+    assert critical.status_code == 200 and statuses == [200] * 4
+    # it did not wait for a 256-token generation to end: they were all still running
+    assert still_running == 3, (still_running, critical_s)
+    assert float(critical.headers["x-queue-wait-ms"]) < 1000
+    after = generator_scheduler(http)["classes"]["background"]["preempted"]
+    assert after == before + 1

@@ -34,7 +34,7 @@ async def drain(scheduler: PriorityScheduler, tasks: dict[str, asyncio.Task]) ->
     order: list[str] = []
     await settle()
     for _ in range(len(tasks)):
-        scheduler.release()
+        scheduler.release(scheduler.leases[0])
         await settle()
         done = [name for name, t in tasks.items() if t.done() and name not in order]
         order += done
@@ -116,7 +116,7 @@ def test_expired_deadline_is_refused_and_never_dispatched():
         waiting = asyncio.ensure_future(scheduler.acquire(ctx(Priority.NORMAL, clock.now + 60)))
         await settle()
         clock.now += 61  # its deadline passes while it waits for the slot
-        scheduler.release()
+        scheduler.release(scheduler.leases[0])
         with pytest.raises(DeadlineExceeded):
             await waiting
         return scheduler.stats()
@@ -166,7 +166,7 @@ def test_cancelled_waiters_leave_the_queue_and_leak_no_slot():
         doomed.cancel()
         await settle()
         queued_after_cancel = scheduler.queued()
-        scheduler.release()
+        scheduler.release(scheduler.leases[0])
         await survivor
         return queued_after_cancel, scheduler.in_flight, scheduler.stats()
 
@@ -230,10 +230,14 @@ def test_a_reserved_slot_is_kept_for_critical_and_high():
         urgent = asyncio.ensure_future(scheduler.acquire(ctx(Priority.CRITICAL)))
         await settle()
         assert urgent.done() and scheduler.in_flight == 4
-        scheduler.release()  # the critical one ends: the reserve is free again, still not theirs
+        scheduler.release(
+            urgent.result()
+        )  # the critical one ends: the reserve is free again, still not theirs
         await settle()
         assert not any(t.done() for t in late.values())
-        scheduler.release()  # a background one ends: the best waiter (normal) takes its slot
+        scheduler.release(
+            scheduler.leases[0]
+        )  # a background one ends: the best waiter (normal) takes its slot
         await settle()
         assert late["normal"].done() and not late["bg"].done()
         # aged to normal (threshold + 1 boost) it still may not take the reserve ...
@@ -266,7 +270,7 @@ def test_queue_waits_are_recorded_on_the_request():
         task = asyncio.ensure_future(scheduler.acquire(second))
         await settle()
         clock.now += 0.25
-        scheduler.release()
+        scheduler.release(scheduler.leases[0])
         await settle()
         await task
         return first.queue_waits, second.queue_waits
@@ -324,10 +328,102 @@ def test_a_cancelled_waiter_that_had_expired_releases_nothing():
         )
         await settle()
         clock.now += 10.0  # its deadline has passed by the scheduler's clock
-        scheduler.release()  # _dispatch expires the waiter ...
+        scheduler.release(scheduler.leases[0])  # _dispatch expires the waiter ...
         waiter.cancel()  # ... and its client goes away in the same tick
         with pytest.raises((asyncio.CancelledError, DeadlineExceeded)):
             await waiter
         return scheduler.in_flight
 
     assert asyncio.run(go()) == 0
+
+
+def test_a_critical_request_preempts_the_newest_background_call():
+    async def go():
+        clock = Clock()
+        scheduler = PriorityScheduler("gen", 2, preempt=True, timer=clock)
+        older = await scheduler.acquire(ctx(Priority.BACKGROUND), preemptible=True)
+        clock.now += 1.0
+        newer = await scheduler.acquire(ctx(Priority.BACKGROUND), preemptible=True)
+        later_bg = asyncio.ensure_future(scheduler.acquire(ctx(Priority.BACKGROUND)))
+        critical = asyncio.ensure_future(scheduler.acquire(ctx(Priority.CRITICAL)))
+        await settle()
+        assert newer.preempted.done() and not older.preempted.done()
+        assert not critical.done()  # the slot is its once the preempted call lets go
+        scheduler.release(newer)
+        await settle()
+        assert critical.done() and not later_bg.done()
+        # the preempted call queues again ahead of the background request that came later
+        resumed = asyncio.ensure_future(
+            scheduler.acquire(newer.ctx, preemptible=True, resume=newer)
+        )
+        await settle()
+        scheduler.release(critical.result())
+        await settle()
+        assert resumed.done() and not later_bg.done()
+        again = resumed.result()
+        assert again.preempted is None  # never preempted twice
+        assert again.queue_wait_s == newer.queue_wait_s  # it waited no time before the retry
+        return scheduler.stats()["classes"]["background"]
+
+    stats = asyncio.run(go())
+    assert stats["preempted"] == 1 and stats["dispatched"] == 3
+
+
+def test_preemption_spares_streams_aged_requests_and_normal_work():
+    async def go():
+        clock = Clock()
+        scheduler = PriorityScheduler("gen", 3, preempt=True, timer=clock)
+        stream = await scheduler.acquire(ctx(Priority.BACKGROUND))  # not preemptible
+        normal = await scheduler.acquire(ctx(Priority.NORMAL), preemptible=True)
+        # a background request that waited long enough to run as normal (threshold + 1
+        # boost) is not sent back
+        blocker = await scheduler.acquire(ctx(Priority.NORMAL))
+        aged = asyncio.ensure_future(scheduler.acquire(ctx(Priority.BACKGROUND), preemptible=True))
+        await settle()
+        clock.now += 6.5
+        scheduler.release(blocker)
+        await settle()
+        boosted = aged.result()
+        critical = asyncio.ensure_future(scheduler.acquire(ctx(Priority.CRITICAL)))
+        await settle()
+        leases = (stream, normal, boosted)
+        return critical.done(), [
+            lease.preempted is not None and lease.preempted.done() for lease in leases
+        ]
+
+    assert asyncio.run(go()) == (False, [False, False, False])
+
+
+def test_fifo_never_preempts():
+    async def go():
+        scheduler = PriorityScheduler("gen", 1, preempt=True, fifo=True, timer=Clock())
+        bg = await scheduler.acquire(ctx(Priority.BACKGROUND), preemptible=True)
+        asyncio.ensure_future(scheduler.acquire(ctx(Priority.CRITICAL)))
+        await settle()
+        return bg.preempted
+
+    assert asyncio.run(go()) is None
+
+
+def test_a_preempted_slot_body_sees_preempted_and_the_slot_passes_on():
+    from mneme.scheduler import Preempted
+
+    async def go():
+        scheduler = PriorityScheduler("gen", 1, preempt=True, timer=Clock())
+        started = asyncio.Event()
+        never = asyncio.get_running_loop().create_future()
+
+        async def background():
+            async with scheduler.slot(ctx(Priority.BACKGROUND), preemptible=True) as lease:
+                started.set()
+                await lease.watch(never)
+
+        bg = asyncio.ensure_future(background())
+        await started.wait()
+        async with scheduler.slot(ctx(Priority.CRITICAL)):
+            held = scheduler.in_flight
+        with pytest.raises(Preempted):
+            await bg
+        return held, never.cancelled(), scheduler.in_flight
+
+    assert asyncio.run(go()) == (1, True, 0)
