@@ -12,6 +12,14 @@ export TRANSFORMERS_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH := deployments.http_errors:proxy_middlewares
 
+# DIRECT_INGRESS=1 make run: Ray Serve's direct ingress (experimental in Ray 2.60). The Router
+# replica answers HTTP itself on DIRECT_PORT, one hop less than the proxy, which stays on 8000.
+DIRECT_INGRESS ?= 0
+DIRECT_PORT ?= 8100
+DIRECT_ENV := RAY_SERVE_ENABLE_DIRECT_INGRESS=1 RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=0 \
+	RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=$(DIRECT_PORT) \
+	RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT=$(shell expr $(DIRECT_PORT) + 100)
+
 .PHONY: install run test test-fast bench lint format clean peer import
 
 install: $(INSTALLED) $(MODEL_DIR)/config.json
@@ -30,7 +38,8 @@ $(MODEL_DIR)/config.json: $(INSTALLED) mneme/tiny_llama.py
 
 run: install
 	$(BIN)/python -m graphs.validate $(CONFIG)
-	$(BIN)/serve run $(CONFIG)
+	$(if $(filter 1,$(DIRECT_INGRESS)),@echo "direct ingress: the Router answers on http://127.0.0.1:$(DIRECT_PORT)")
+	$(if $(filter 1,$(DIRECT_INGRESS)),$(DIRECT_ENV)) $(BIN)/serve run $(CONFIG)
 
 test: install
 	$(BIN)/python -m pytest
@@ -45,6 +54,8 @@ bench: install
 	$(BIN)/python -m benchmarks.priority --variants priority no-preemption \
 	    --background-max-tokens 120 --name priority_long_background
 	$(BIN)/python -m benchmarks.compare    # naive vs compute-aware vs Infinity (~15 min)
+	$(BIN)/python -m benchmarks.compare --direct-ingress \
+	    --json benchmarks/results/compare_direct_ingress.json --plots benchmarks/results/direct_ingress
 
 # The peer embedding server (Infinity) in its own venv, .venv-infinity: its pins clash with ours.
 peer: $(INSTALLED)

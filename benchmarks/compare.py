@@ -1,6 +1,6 @@
 """Compute-aware vs naive, side by side in one run, with the peer and the offline ceiling.
 
-    python -m benchmarks.compare [--seconds 15] [--no-peer] [--json benchmarks/results/compare.json]
+    python -m benchmarks.compare [--seconds 15] [--no-peer] [--direct-ingress] [--json ...]
 
 One process run measures, in order (a progress bar shows where it is):
 1. the offline ceiling: sentence-transformers `encode` of unique texts in batches of 64, and
@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from benchmarks import plots
 from benchmarks.hit_bound import best_hit_rates
-from benchmarks.serving import served_app
+from benchmarks.serving import ingress_url, served_app
 from benchmarks.workload import Trace, UniqueTexts, WorkloadSpec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -210,7 +210,8 @@ def cache_delta(before: dict, after: dict) -> dict[str, dict[str, float]]:
 
 
 class Bench:
-    def __init__(self, seconds: float, spec: dict[str, Any], progress: tqdm):
+    def __init__(self, seconds: float, spec: dict[str, Any], progress: tqdm, direct: bool = False):
+        self.direct = direct  # clients call the Router replica's own port, not the proxy
         self.seconds = seconds
         self.spec = spec
         self.workload = Workload(spec)
@@ -231,7 +232,7 @@ class Bench:
         self.step(f"{name}: starting Ray Serve and vLLM")
         with (
             tempfile.TemporaryDirectory(prefix=f"mneme-{name}-") as data_dir,  # starts empty
-            served_app(app.with_data_dir(data_dir).bind) as url,
+            served_app(app.with_data_dir(data_dir).bind, direct_ingress=self.direct) as url,
             httpx.Client(base_url=url, timeout=60) as http,
         ):
             sampler = StatsSampler(http)
@@ -246,7 +247,8 @@ class Bench:
                 out["lone_embed_fixed_window"] = self._fixed_window(url, lambda: run(url, *lone))
                 self.step("no-op Serve path: 32 clients")
                 noop = ["--kind", "unique-embed", "--path", "/noop/v1/embeddings"]
-                self.results["noop"] = run(url, *noop, "--seconds", secs)["summary"]
+                noop_url = ingress_url("noop", url)
+                self.results["noop"] = run(noop_url, *noop, "--seconds", secs)["summary"]
             self.step(f"{name}: unique texts, 32 clients")
             before = sampler.take()
             unique = ["--kind", "unique-embed", "--concurrency", "32", "--seconds", secs]
@@ -404,13 +406,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=15.0, help="per measured phase")
     parser.add_argument("--spec", type=json.loads, default={}, help="WorkloadSpec fields, JSON")
     parser.add_argument("--no-peer", action="store_true", help="skip Infinity")
+    parser.add_argument(
+        "--direct-ingress",
+        action="store_true",
+        help="both graphs (and the no-op) behind Ray Serve's direct ingress, not the proxy",
+    )
     parser.add_argument("--json", type=Path, default=RESULTS / "compare.json")
     parser.add_argument("--plots", type=Path, default=RESULTS, help="folder for the PNGs")
     args = parser.parse_args(argv)
 
     steps = 2 * (8 + len(LOAD_FACTORS)) + 1 + (0 if args.no_peer else 2)
     with tqdm(total=steps, unit="step", file=sys.stderr) as progress:
-        bench = Bench(args.seconds, args.spec, progress)
+        bench = Bench(args.seconds, args.spec, progress, args.direct_ingress)
         progress.set_description("offline ceiling (sentence-transformers, batch 64)")
         bench.results["offline"] = offline_ceiling(unique_texts(1024))
         progress.update(1)
@@ -423,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
             bench.results["peer"] = bench.measure_peer()
     results = bench.results
     results["command"] = "python -m benchmarks.compare " + " ".join(argv or sys.argv[1:])
+    results["transport"] = "direct ingress" if args.direct_ingress else "proxy"
     results["ratios"] = ratios(results)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=1))

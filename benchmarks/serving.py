@@ -53,10 +53,46 @@ def served_graph(mneme_args: dict[str, Any], options: dict | None = None) -> Ite
             yield base_url
 
 
+DIRECT_INGRESS_ENV = {  # Ray Serve's direct ingress: each ingress replica serves HTTP itself
+    "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",  # shut down without a 30 s drain
+}
+
+
+def ingress_url(app_name: str, proxy_url: str, timeout_s: float = 60.0) -> str:
+    """Where `app_name` answers HTTP: its ingress replica's own port under direct ingress
+    (the first replica's; nothing balances between replicas then), else the proxy."""
+    if os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") != "1":
+        return proxy_url
+    from ray.serve.context import _get_global_client
+
+    proxy_port = int(proxy_url.rsplit(":", 1)[1])
+    deadline = time.monotonic() + timeout_s
+    while True:
+        groups = _get_global_client().get_serve_details().get("target_groups") or []
+        ports = [
+            target["port"]
+            for group in groups
+            if group["app_name"] == app_name and str(group["protocol"]).endswith("HTTP")
+            for target in group["targets"]
+        ]
+        if ports and proxy_port not in ports:  # until a replica runs, they name the proxy
+            return f"http://127.0.0.1:{ports[0]}"
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no direct-ingress port for {app_name!r}: {groups}")
+        time.sleep(0.5)
+
+
 @contextlib.contextmanager
-def served_app(build: Callable[[], Any], num_cpus: int = 2) -> Iterator[str]:
+def served_app(
+    build: Callable[[], Any], num_cpus: int = 2, direct_ingress: bool = False
+) -> Iterator[str]:
     """Ray + Serve on a free port: the application `build()` returns at `/`, the no-op
-    ingress at `/noop`; everything is shut down on exit."""
+    ingress at `/noop`; everything is shut down on exit. Yields Mneme's URL: the proxy's, or
+    with `direct_ingress` the Router replica's own (`ingress_url` finds the no-op's)."""
+    saved = {key: os.environ.get(key) for key in DIRECT_INGRESS_ENV}
+    if direct_ingress:  # read at import by the controller and replicas: set before ray.init
+        os.environ.update(DIRECT_INGRESS_ENV)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -74,10 +110,15 @@ def served_app(build: Callable[[], Any], num_cpus: int = 2) -> Iterator[str]:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_noop_app(), name="noop", route_prefix="/noop")
         serve.run(build(), name="mneme", route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
+        yield ingress_url("mneme", f"http://127.0.0.1:{port}")
     finally:
         serve.shutdown()
         ray.shutdown()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def timed(call: Callable[[], Any]) -> float:
