@@ -23,6 +23,7 @@ from mneme import protocol as p
 from mneme.auth import KeyRing, Principal
 from mneme.config import NAMESPACE_PATTERN, MnemeConfig, parse_router_user_config
 from mneme.priority import Priority, RequestContext, parse_deadline_ms
+from mneme.shared_result import SharedResult
 from mneme.stats import LatencyBook
 
 app = FastAPI(title="Mneme", version="0.1.0")
@@ -33,6 +34,7 @@ install_error_handlers(app)
 PriorityHeader = Annotated[str | None, Header(alias="X-Priority")]
 DeadlineHeader = Annotated[str | None, Header(alias="X-Deadline-Ms")]
 NamespaceQuery = Annotated[str, Query(pattern=NAMESPACE_PATTERN)]
+HEALTH_MAX_AGE_S = 1.0  # /healthz reuses a check this young (it is public)
 
 
 @serve.deployment(
@@ -67,6 +69,7 @@ class Router:
         self.compute = ComputeGraph(config, self.downstreams, self.cache)
         self.service = MnemeService(config, self.compute)
         self.latency = LatencyBook()
+        self.health = SharedResult(self._unavailable_downstreams, HEALTH_MAX_AGE_S)
         if self.schedulers:
             self.budgets.start()
 
@@ -242,11 +245,15 @@ class Router:
     # ---------------------------------------------------------------- operations
     @app.get("/healthz")
     async def healthz(self) -> JSONResponse:
-        """200 when every downstream answers within 2 s; 503 naming the ones that do not."""
-        stats = await self.downstreams.stats(timeout_s=2.0)
-        down = sorted(name for name, s in stats.items() if "error" in s)
+        """200 when every downstream answered within 2 s; 503 naming the ones that did not.
+        Public, so one check (at most HEALTH_MAX_AGE_S old) answers every concurrent probe."""
+        down = await self.health.get()
         status = {"status": "ok" if not down else "unavailable", "unavailable": down}
         return JSONResponse(status, status_code=503 if down else 200)
+
+    async def _unavailable_downstreams(self) -> list[str]:
+        stats = await self.downstreams.stats(timeout_s=2.0)
+        return sorted(name for name, s in stats.items() if "error" in s)
 
     def coalesced(self) -> dict[str, Any]:
         """What the Router merged: handle and actor calls saved."""
