@@ -7,14 +7,7 @@ import pytest
 from mneme.batching import AdaptiveWindow, BatchGate
 from mneme.config import BatchConfig, MnemeConfig, load_config
 from mneme.stats import Occupancy
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.clock import Clock
 
 
 class RecordingBatchMethod:

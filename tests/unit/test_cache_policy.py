@@ -1,18 +1,11 @@
 """The L1 policy with a controllable clock: TTLs, hot keys, both bounds, scan resistance."""
 
 from cache.policy import FrequencySketch, TinyLfuCache
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.clock import Clock
 
 
 def test_expired_entries_are_never_returned():
-    clock = Clock()
+    clock = Clock(1000.0)
     cache = TinyLfuCache(100, timer=clock)
     cache.set("k", "v", ttl_s=10)
     clock.now += 9.9
@@ -23,7 +16,7 @@ def test_expired_entries_are_never_returned():
 
 
 def test_hot_keys_live_longer():
-    clock = Clock()
+    clock = Clock(1000.0)
     cache = TinyLfuCache(100, hot_after_hits=10, hot_ttl_factor=5, timer=clock)
     cache.set("hot", 1, ttl_s=10)
     cache.set("cold", 2, ttl_s=10)
@@ -37,7 +30,7 @@ def test_hot_keys_live_longer():
 
 
 def test_byte_bound_evicts_until_under_it():
-    cache = TinyLfuCache(1000, max_bytes=1000, timer=Clock())
+    cache = TinyLfuCache(1000, max_bytes=1000, timer=Clock(1000.0))
     for i in range(30):
         cache.set(i, b"x", ttl_s=60, size=100)
         assert cache.bytes <= 1000
@@ -45,14 +38,14 @@ def test_byte_bound_evicts_until_under_it():
 
 
 def test_entry_bound():
-    cache = TinyLfuCache(50, timer=Clock())
+    cache = TinyLfuCache(50, timer=Clock(1000.0))
     for i in range(500):
         cache.set(i, i, ttl_s=60)
     assert len(cache) <= 50
 
 
 def test_replacing_a_key_keeps_one_copy_and_the_byte_count():
-    cache = TinyLfuCache(10, timer=Clock())
+    cache = TinyLfuCache(10, timer=Clock(1000.0))
     cache.set("k", "a", ttl_s=60, size=5)
     cache.set("k", "b", ttl_s=60, size=7)
     assert cache.get("k") == "b" and len(cache) == 1 and cache.bytes == 7
@@ -61,7 +54,7 @@ def test_replacing_a_key_keeps_one_copy_and_the_byte_count():
 
 def test_a_scan_of_one_off_keys_does_not_flush_hot_keys():
     """Frequency counts: LRU would lose every hot key to a long scan; W-TinyLFU keeps them."""
-    cache = TinyLfuCache(100, timer=Clock())
+    cache = TinyLfuCache(100, timer=Clock(1000.0))
     hot = [f"hot{i}" for i in range(50)]
     for _ in range(5):
         for key in hot:
@@ -75,7 +68,7 @@ def test_a_scan_of_one_off_keys_does_not_flush_hot_keys():
 
 
 def test_recency_counts_too_new_keys_get_a_window():
-    cache = TinyLfuCache(100, timer=Clock())
+    cache = TinyLfuCache(100, timer=Clock(1000.0))
     cache.set("fresh", 1, ttl_s=60)
     assert cache.get("fresh") == 1  # just-inserted keys are served before they prove themselves
 

@@ -10,14 +10,7 @@ import pytest
 from mneme.errors import DeadlineExceeded, Overloaded
 from mneme.priority import Priority, RequestContext
 from mneme.scheduler import PriorityScheduler
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.clock import Clock
 
 
 def ctx(priority: Priority, deadline: float | None = None) -> RequestContext:
@@ -47,7 +40,7 @@ def enqueue(scheduler, name_to_ctx: dict[str, RequestContext]) -> dict[str, asyn
 
 def test_strict_order_by_class():
     async def go():
-        scheduler = PriorityScheduler("gen", 1, timer=Clock())
+        scheduler = PriorityScheduler("gen", 1, timer=Clock(100.0))
         await scheduler.acquire(ctx(Priority.NORMAL))  # the one running request
         tasks = enqueue(scheduler, {p.name: ctx(p) for p in reversed(Priority)})
         return await drain(scheduler, tasks)
@@ -57,7 +50,7 @@ def test_strict_order_by_class():
 
 def test_fifo_policy_ignores_classes():
     async def go():
-        scheduler = PriorityScheduler("gen", 1, fifo=True, timer=Clock())
+        scheduler = PriorityScheduler("gen", 1, fifo=True, timer=Clock(100.0))
         await scheduler.acquire(ctx(Priority.NORMAL))
         tasks = enqueue(scheduler, {p.name: ctx(p) for p in reversed(Priority)})
         return await drain(scheduler, tasks)
@@ -67,7 +60,7 @@ def test_fifo_policy_ignores_classes():
 
 def test_earliest_deadline_first_inside_a_class_fifo_otherwise():
     async def go():
-        clock = Clock()
+        clock = Clock(100.0)
         scheduler = PriorityScheduler("gen", 1, timer=clock)
         await scheduler.acquire(ctx(Priority.HIGH))
         far = clock.now + 1000
@@ -88,7 +81,7 @@ def test_earliest_deadline_first_inside_a_class_fifo_otherwise():
 
 def test_aging_moves_a_starving_request_up():
     async def go(waited_s: float):
-        clock = Clock()
+        clock = Clock(100.0)
         scheduler = PriorityScheduler(
             "gen", 1, starvation_threshold_s=5.0, boost_interval_s=1.0, timer=clock
         )
@@ -108,7 +101,7 @@ def test_aging_moves_a_starving_request_up():
 
 def test_expired_deadline_is_refused_and_never_dispatched():
     async def go():
-        clock = Clock()
+        clock = Clock(100.0)
         scheduler = PriorityScheduler("gen", 1, timer=clock)
         with pytest.raises(DeadlineExceeded):
             await scheduler.acquire(ctx(Priority.CRITICAL, clock.now - 1))
@@ -141,7 +134,7 @@ def test_a_real_timeout_expires_a_waiter():
 
 def test_queues_are_bounded_per_class():
     async def go():
-        scheduler = PriorityScheduler("gen", 1, max_queued_per_class=2, timer=Clock())
+        scheduler = PriorityScheduler("gen", 1, max_queued_per_class=2, timer=Clock(100.0))
         await scheduler.acquire(ctx(Priority.NORMAL))
         enqueue(scheduler, {"a": ctx(Priority.LOW), "b": ctx(Priority.LOW)})
         await settle()
@@ -158,7 +151,7 @@ def test_queues_are_bounded_per_class():
 
 def test_cancelled_waiters_leave_the_queue_and_leak_no_slot():
     async def go():
-        scheduler = PriorityScheduler("gen", 1, timer=Clock())
+        scheduler = PriorityScheduler("gen", 1, timer=Clock(100.0))
         await scheduler.acquire(ctx(Priority.NORMAL))
         doomed = asyncio.ensure_future(scheduler.acquire(ctx(Priority.CRITICAL)))
         survivor = asyncio.ensure_future(scheduler.acquire(ctx(Priority.LOW)))
@@ -177,7 +170,7 @@ def test_cancelled_waiters_leave_the_queue_and_leak_no_slot():
 
 def test_more_capacity_dispatches_waiters():
     async def go():
-        scheduler = PriorityScheduler("gen", 1, timer=Clock())
+        scheduler = PriorityScheduler("gen", 1, timer=Clock(100.0))
         await scheduler.acquire(ctx(Priority.NORMAL))
         tasks = enqueue(scheduler, {str(i): ctx(Priority.NORMAL) for i in range(3)})
         await settle()
@@ -192,7 +185,7 @@ def test_admission_by_expected_wait():
     """Once service times are known, a request expected to wait too long is refused now."""
 
     async def go():
-        clock = Clock()
+        clock = Clock(100.0)
         scheduler = PriorityScheduler("gen", 2, max_queue_wait_s=3.0, timer=clock)
         async with scheduler.slot(ctx(Priority.NORMAL)):
             clock.now += 1.0  # one request held its slot 1 s: the service-time estimate
@@ -218,7 +211,7 @@ def test_admission_by_expected_wait():
 
 def test_a_reserved_slot_is_kept_for_critical_and_high():
     async def go():
-        clock = Clock()
+        clock = Clock(100.0)
         scheduler = PriorityScheduler("gen", 4, reserved_share=0.25, timer=clock)
         assert scheduler.reserved == 1
         for _ in range(3):
@@ -263,7 +256,7 @@ def test_small_budgets_reserve_nothing_and_fifo_never_reserves():
 
 def test_queue_waits_are_recorded_on_the_request():
     async def go():
-        clock = Clock()
+        clock = Clock(100.0)
         scheduler = PriorityScheduler("gen", 1, timer=clock)
         first, second = ctx(Priority.NORMAL), ctx(Priority.NORMAL)
         await scheduler.acquire(first)
@@ -320,7 +313,7 @@ def test_aging_alone_dispatches_into_a_reserved_slot():
 
 def test_a_cancelled_waiter_that_had_expired_releases_nothing():
     async def go():
-        clock = Clock()
+        clock = Clock(100.0)
         scheduler = PriorityScheduler("gen", 1, timer=clock)
         await scheduler.acquire(ctx(Priority.NORMAL))
         waiter = asyncio.ensure_future(
@@ -339,7 +332,7 @@ def test_a_cancelled_waiter_that_had_expired_releases_nothing():
 
 def test_a_critical_request_preempts_the_newest_background_call():
     async def go():
-        clock = Clock()
+        clock = Clock(100.0)
         scheduler = PriorityScheduler("gen", 2, preempt=True, timer=clock)
         older = await scheduler.acquire(ctx(Priority.BACKGROUND), preemptible=True)
         clock.now += 1.0
@@ -371,7 +364,7 @@ def test_a_critical_request_preempts_the_newest_background_call():
 
 def test_preemption_spares_streams_aged_requests_and_normal_work():
     async def go():
-        clock = Clock()
+        clock = Clock(100.0)
         scheduler = PriorityScheduler("gen", 3, preempt=True, timer=clock)
         stream = await scheduler.acquire(ctx(Priority.BACKGROUND))  # not preemptible
         normal = await scheduler.acquire(ctx(Priority.NORMAL), preemptible=True)
@@ -396,7 +389,7 @@ def test_preemption_spares_streams_aged_requests_and_normal_work():
 
 def test_fifo_never_preempts():
     async def go():
-        scheduler = PriorityScheduler("gen", 1, preempt=True, fifo=True, timer=Clock())
+        scheduler = PriorityScheduler("gen", 1, preempt=True, fifo=True, timer=Clock(100.0))
         bg = await scheduler.acquire(ctx(Priority.BACKGROUND), preemptible=True)
         asyncio.ensure_future(scheduler.acquire(ctx(Priority.CRITICAL)))
         await settle()
@@ -409,7 +402,7 @@ def test_a_preempted_slot_body_sees_preempted_and_the_slot_passes_on():
     from mneme.scheduler import Preempted
 
     async def go():
-        scheduler = PriorityScheduler("gen", 1, preempt=True, timer=Clock())
+        scheduler = PriorityScheduler("gen", 1, preempt=True, timer=Clock(100.0))
         started = asyncio.Event()
         never = asyncio.get_running_loop().create_future()
 

@@ -5,14 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from mneme.shared_result import SharedResult
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.clock import Clock
 
 
 def test_concurrent_callers_share_one_check_and_a_young_result_is_reused():
