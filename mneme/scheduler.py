@@ -69,13 +69,13 @@ class Lease:
     enqueued_at: float
     queue_wait_s: float  # waited before this dispatch (and before any earlier one)
     dispatched_class: int  # effective class at dispatch
-    preemptible: bool
+    # set when a more urgent request takes the slot; None: not preemptible
     preempted: asyncio.Future | None = field(default=None, repr=False)
 
     @classmethod
     def unscheduled(cls, ctx: RequestContext) -> Lease:
         """What a call holds when no scheduler stands in front of its downstream."""
-        return cls(ctx, -1, 0.0, 0.0, int(ctx.priority), False)
+        return cls(ctx, -1, 0.0, 0.0, int(ctx.priority))
 
     @property
     def giving_back(self) -> bool:
@@ -163,7 +163,6 @@ class PriorityScheduler:
         self.reserved_share = 0.0 if fifo else reserved_share
         self.preempt = preempt and not fifo
         self.timer = timer
-        self.in_flight = 0
         self.leases: list[Lease] = []  # the slots held, oldest first
         self._waiting: list[Waiter] = []
         self._seq = itertools.count()
@@ -172,6 +171,10 @@ class PriorityScheduler:
         self.max_waiting_seen = 0
         self._wake: asyncio.TimerHandle | None = None  # re-dispatch when a waiter ages up
         self._recent_classes: deque[tuple[float, int]] = deque(maxlen=200)  # (when, class)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.leases)
 
     # -------------------------------------------------------------- capacity
     def set_capacity(self, capacity: int) -> None:
@@ -276,15 +279,11 @@ class PriorityScheduler:
         elif ctx.deadline is not None and ctx.deadline <= now:
             stats.expired += 1
             raise DeadlineExceeded(f"deadline passed before {self.name} could start it again")
-        if resume is None and not self._waiting and self.may_start(int(ctx.priority)):
-            stats.dispatched += 1
-            self._recent_classes.append((now, int(ctx.priority)))
-            stats.queue_wait.observe(0.0)
-            ctx.queue_waits.append(0.0)
-            return self._lease(ctx, next(self._seq), now, 0.0, int(ctx.priority), preemptible)
         future = asyncio.get_running_loop().create_future()
         if resume is None:
             waiter = Waiter(ctx, next(self._seq), now, future, now, 0.0, preemptible)
+            if not self._waiting and self.may_start(int(ctx.priority)):
+                return self._grant(waiter, int(ctx.priority), now)
         else:  # preempted: back at its old place, with its age; never preempted twice
             waiter = Waiter(ctx, resume.seq, resume.enqueued_at, future, now, resume.queue_wait_s)
         self._waiting.append(waiter)
@@ -329,26 +328,31 @@ class PriorityScheduler:
         if not waiter.future.done():
             waiter.future.cancel()
 
-    def _lease(
-        self,
-        ctx: RequestContext,
-        seq: int,
-        enqueued_at: float,
-        queue_wait_s: float,
-        dispatched_class: int,
-        preemptible: bool,
-    ) -> Lease:
-        self.in_flight += 1
+    def _grant(self, waiter: Waiter, effective: int, now: float) -> Lease:
+        """`waiter` takes a slot now, running as class `effective`."""
+        stats = self._stats[waiter.ctx.priority]
+        if effective < waiter.ctx.priority:
+            stats.boosted += 1
+        stats.dispatched += 1
+        self._recent_classes.append((now, int(waiter.ctx.priority)))
+        waited = now - waiter.queued_at
+        stats.queue_wait.observe(waited)
+        waiter.ctx.queue_waits.append(waited)
         preempted = None
-        if preemptible and self.preempt:
+        if waiter.preemptible and self.preempt:
             preempted = asyncio.get_running_loop().create_future()
-        lease = Lease(ctx, seq, enqueued_at, queue_wait_s, dispatched_class, preempted is not None)
-        lease.preempted = preempted
+        lease = Lease(
+            waiter.ctx,
+            waiter.seq,
+            waiter.enqueued_at,
+            waiter.waited_before_s + waited,
+            effective,
+            preempted,
+        )
         self.leases.append(lease)
         return lease
 
     def release(self, lease: Lease) -> None:
-        self.in_flight -= 1
         self.leases.remove(lease)
         self._dispatch()
 
@@ -392,23 +396,7 @@ class PriorityScheduler:
                 )
                 stats.expired += 1
                 continue
-            if effective < waiter.ctx.priority:
-                stats.boosted += 1
-            stats.dispatched += 1
-            self._recent_classes.append((now, int(waiter.ctx.priority)))
-            waited = now - waiter.queued_at
-            stats.queue_wait.observe(waited)
-            waiter.ctx.queue_waits.append(waited)
-            waiter.future.set_result(
-                self._lease(
-                    waiter.ctx,
-                    waiter.seq,
-                    waiter.enqueued_at,
-                    waiter.waited_before_s + waited,
-                    effective,
-                    waiter.preemptible,
-                )
-            )
+            waiter.future.set_result(self._grant(waiter, effective, now))
         if self.preempt:
             self._preempt()
 
