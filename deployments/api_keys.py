@@ -51,7 +51,7 @@ class ApiKeyGate:
 _bearer = HTTPBearer(auto_error=False, description="An API key from the config's auth.keys.")
 
 
-def _principal(
+async def _principal(  # async: FastAPI would run a sync dependency in its thread pool
     request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> Principal | None:
     return request.scope.get(SCOPE_KEY)

@@ -70,6 +70,14 @@ def test_a_lone_request_skips_the_batch_window(http):
     after = embedder_stats(http)
     assert after["dispatched_at_once"] == before["dispatched_at_once"] + 1
     assert after["calls"] == before["calls"] + 1
+    # so little work on an idle replica is encoded on one thread (waking the second core costs
+    # more than it saves); a bigger lone call still gets every thread
+    assert after["encoded_on_one_thread"] == before["encoded_on_one_thread"] + 1
+    texts = [f"a lone bulk call {i} {uuid.uuid4().hex}" for i in range(16)]
+    assert http.post("/v1/embeddings", json={"input": texts}).status_code == 200
+    bulk = embedder_stats(http)
+    assert bulk["dispatched_at_once"] == after["dispatched_at_once"] + 1
+    assert bulk["encoded_on_one_thread"] == after["encoded_on_one_thread"]
 
 
 def test_a_fixed_window_is_waited_out_by_a_lone_request(http):
