@@ -22,6 +22,9 @@ ROUTER = "Router"
 CONTROL_SLOTS = 1
 
 
+STARTUP_REFRESH_S = 0.5  # refresh period while some downstream's budget is still unknown
+
+
 def budget(per_replica: int, replicas: int, routers: int) -> int:
     return max(1, replicas * max(1, per_replica - CONTROL_SLOTS) // max(1, routers))
 
@@ -101,9 +104,18 @@ class BudgetRefresher:
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
     async def _loop(self) -> None:
+        derived: set[str] = set()  # downstreams whose budget came from their replicas
+        unknown = {key for key in self.schedulers if key not in self.config.capacity}
         while True:
             try:
-                await refresh_once(self.config, self.schedulers, self.downstreams, self.app_name)
+                budgets = await refresh_once(
+                    self.config, self.schedulers, self.downstreams, self.app_name
+                )
+                derived |= set(budgets)
             except Exception as exc:  # keep the last budgets; try again next period
                 logger.warning("scheduler budget refresh failed: %r", exc)
-            await asyncio.sleep(self.config.capacity_refresh_s)
+            # until every budget is known (downstreams still starting), the declared
+            # defaults stand in: look again soon, so a burst at start-up is not over-admitted
+            settled = derived >= unknown
+            period = self.config.capacity_refresh_s
+            await asyncio.sleep(period if settled else min(period, STARTUP_REFRESH_S))

@@ -30,6 +30,7 @@ class Generator:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self._config = config
@@ -39,6 +40,12 @@ class Generator:
                 f"generator.model_path {path!r} does not exist; run `make install` to generate "
                 "the tiny default model, or point generator.model_path at a model folder"
             )
+        executor = {}
+        if current_platform.is_cpu() and config.cpu_executor == "uni":
+            # vLLM's CPU backend swaps a "uni" executor for "mp" unless this is 0; the engine
+            # core still runs in its own process (AsyncLLM), now with the model inside it
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+            executor = {"distributed_executor_backend": "uni"}
         args = AsyncEngineArgs(
             model=path,
             tokenizer=path,
@@ -52,7 +59,7 @@ class Generator:
             dtype=config.dtype,
             seed=config.seed,
             disable_log_stats=True,
-            **config.engine_kwargs,
+            **(executor | config.engine_kwargs),
         )
         self._engine = AsyncLLM.from_engine_args(args)
         self._requests = 0
@@ -121,6 +128,7 @@ class Generator:
     async def stats(self) -> dict:
         return {
             "model": self._config.served_model_name,
+            "executor": self._engine.vllm_config.parallel_config.distributed_executor_backend,
             "requests": self._requests,
             **self._occupancy.summary(),
             "completion_tokens": self._completion_tokens,

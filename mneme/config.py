@@ -177,6 +177,14 @@ class GeneratorConfig(StrictModel):
     dtype: str = Field("auto", description="vLLM dtype (auto, float32, bfloat16, float16).")
     default_max_tokens: int = Field(64, ge=1, description="max_tokens when a request omits it.")
     seed: int = 0
+    cpu_executor: Literal["uni", "mp"] = Field(
+        "uni",
+        description="On vLLM's CPU backend: 'uni' runs the model inside vLLM's engine-core "
+        "process, one process hop less per decode step (measured here: 8 concurrent "
+        "16-token generations 1.6-1.8x faster, a lone one 1.2x); 'mp' is vLLM's own default, "
+        "a worker process with OpenMP threads bound to cores, for big models on many cores. "
+        "Ignored on GPUs.",
+    )
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Extra vLLM AsyncEngineArgs, passed through."
     )

@@ -6,7 +6,8 @@ vLLM takes 30-60 s to start here, so the graph starts once per test session, nev
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,14 @@ from tests.conftest import free_port
 from tests.redis_server import RedisServer
 
 APP_NAME = "mneme"
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float = 60.0, what: str = "") -> None:
+    """Poll `condition` every 0.2 s; fail the test after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"still not true after {timeout_s} s: {what}"
+        time.sleep(0.2)
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,11 @@
 """API keys on the real application: keys rotated in by a Router user_config (in place, no
 restart), 401 before the body is read, 403 per namespace and priority, nothing changed."""
 
-import time
-
 import httpx
 import openai
 import pytest
 
-from tests.integration.conftest import deploy
+from tests.integration.conftest import deploy, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -27,10 +25,9 @@ def router_replica(http: httpx.Client, headers: dict | None = None) -> str:
 
 
 def wait_for_status(http: httpx.Client, status: int, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while (got := http.get("/v1/models").status_code) != status:
-        assert time.monotonic() < deadline, f"/v1/models still answers {got}, not {status}"
-        time.sleep(0.2)
+    wait_until(
+        lambda: http.get("/v1/models").status_code == status, timeout_s, f"/v1/models {status}"
+    )
 
 
 def bearer(key: str) -> dict[str, str]:

@@ -2,6 +2,8 @@
 
 import pytest
 
+from tests.integration.conftest import wait_until
+
 pytestmark = pytest.mark.slow
 
 
@@ -17,6 +19,8 @@ def test_stats_and_metrics(http):
     assert stats["router"]["latency"]["embeddings/low"]["count"] >= 1
     assert stats["vector_search"]["max_batch_size"] == 64
     assert stats["generator"]["model"] == "mneme-tiny-llama"
+    # on CPU the model runs inside vLLM's engine-core process (vLLM would swap in "mp")
+    assert stats["generator"]["executor"] == "uni"
     metrics = http.get("/metrics").text
     assert 'mneme_requests_total{route="embeddings",priority="low"}' in metrics
     assert 'mneme_batches{deployment="embedder"}' in metrics
@@ -33,11 +37,16 @@ def test_a_full_downstream_is_503_with_retry_after_never_500(served):
                 "/v1/chat/completions",
                 json={
                     "messages": [{"role": "user", "content": "overload"}],
-                    "max_tokens": 64,
+                    "max_tokens": 256,  # long enough that the queue is full as the last arrive
                 },
             )
             return r.status_code, r.headers.get("retry-after"), r.json()
 
+    with served.client() as c:  # the budget derived from the Generator's replicas, not its default
+        wait_until(
+            lambda: c.get("/v1/stats").json()["scheduler"]["generator"]["capacity"] == 4,
+            what="the Generator's budget is 4",
+        )
     with ThreadPoolExecutor(max_workers=28) as pool:
         results = list(pool.map(one, range(28)))
     statuses = sorted(status for status, _, _ in results)
