@@ -7,7 +7,9 @@ The Generator gets a small budget (max_ongoing_requests 5 -> 4 in flight) so the
 saturates on chat. Steps, for each Router variant (the shipped scheduler, one without
 preemption, FIFO; same graph): measure capacity closed-loop; measure critical latency alone;
 offer the critical arrivals alone (no background: the floor any scheduler can reach); offer
-2x capacity open-loop (Poisson), 80 % background / 20 % critical. Reports critical p95
+2x capacity open-loop (Poisson), 80 % background / 20 % critical. Every variant gets the same
+offered rate: twice the capacity the first variant measured (capacity readings differ by
+about 20 % from run to run, which would otherwise load the variants unequally). Reports critical p95
 loaded / unloaded, the longest background wait, background throughput, the rejected share,
 preemptions and the most requests the Router's queues held; writes JSON and a plot.
 """
@@ -107,7 +109,8 @@ def p95(values: list[float]) -> float:
     return float(np.percentile(values, 95)) if values else float("nan")
 
 
-async def measure(base_url: str, seconds: float, policy: str) -> dict:
+async def measure(base_url: str, seconds: float, policy: str, offered: float | None) -> dict:
+    """`offered`: the open-loop rate (None: twice the capacity measured here)."""
     limits = httpx.Limits(max_connections=1000, max_keepalive_connections=1000)
     async with httpx.AsyncClient(base_url=base_url, timeout=120, limits=limits) as client:
         for _ in range(5):
@@ -118,15 +121,16 @@ async def measure(base_url: str, seconds: float, policy: str) -> dict:
             f"[{policy}] capacity {cap:.1f} req/s; critical alone p95 {p95(alone) * 1000:.0f} ms",
             flush=True,
         )
+        offered = offered or 2 * cap
         # the floor any scheduler can reach: the same critical arrivals with no background
-        only, _ = await open_loop(client, 2 * cap * CRITICAL_SHARE, seconds / 2, 1.0, seed=11)
+        only, _ = await open_loop(client, offered * CRITICAL_SHARE, seconds / 2, 1.0, seed=11)
         floor = p95([r["latency_s"] for r in only if r["status"] == 200])
         print(
             f"[{policy}] critical traffic alone (no background): p95 {floor * 1000:.0f} ms "
             f"({floor / p95(alone):.1f}x a lone request)",
             flush=True,
         )
-        rows, max_waiting = await open_loop(client, 2 * cap, seconds, CRITICAL_SHARE, seed=7)
+        rows, max_waiting = await open_loop(client, offered, seconds, CRITICAL_SHARE, seed=7)
         sched = (await client.get("/v1/stats")).json()["scheduler"]["generator"]
     ok = [r for r in rows if r["status"] == 200]
     crit = [r["latency_s"] for r in ok if r["class"] == "critical"]
@@ -135,7 +139,7 @@ async def measure(base_url: str, seconds: float, policy: str) -> dict:
     result = {
         "policy": policy,
         "capacity_rps": cap,
-        "offered_rps": 2 * cap,
+        "offered_rps": offered,
         "critical_alone_p95_ms": p95(alone) * 1000,
         "critical_loaded_p95_ms": p95(crit) * 1000,
         "critical_p95_ratio": p95(crit) / p95(alone),
@@ -161,7 +165,8 @@ async def measure(base_url: str, seconds: float, policy: str) -> dict:
         "requests": rows,
     }
     print(
-        f"[{policy}] critical p95 {result['critical_loaded_p95_ms']:.0f} ms "
+        f"[{policy}] at {offered:.1f} req/s: critical p95 "
+        f"{result['critical_loaded_p95_ms']:.0f} ms "
         f"({result['critical_p95_ratio']:.1f}x alone); longest background wait "
         f"{result['longest_background_wait_s']:.1f} s queued "
         f"({result['longest_background_latency_s']:.1f} s end to end); background "
@@ -224,7 +229,8 @@ def main() -> None:
         scheduler = {**VARIANTS[name], "max_queued_per_class": args.max_queued_per_class}
         config = {"cache": {"enabled": False}, "scheduler": scheduler}
         with served_graph(config, GENERATOR) as base_url:
-            results.append(asyncio.run(measure(base_url, args.seconds, name)))
+            offered = results[0]["offered_rps"] if results else None  # one load for all
+            results.append(asyncio.run(measure(base_url, args.seconds, name, offered)))
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(
         json.dumps({"args": vars(args), "results": results}, indent=1)
