@@ -20,8 +20,6 @@ ROUTER = "Router"
 # Kept free on every downstream replica for the Router's control calls (stats, health), so
 # /healthz and /v1/stats answer while the budget is fully used by requests.
 CONTROL_SLOTS = 1
-
-
 STARTUP_REFRESH_S = 0.5  # refresh period while some downstream's budget is still unknown
 
 
