@@ -20,12 +20,17 @@ from tests.redis_server import RedisServer
 APP_NAME = "mneme"
 
 
-def wait_until(condition: Callable[[], bool], timeout_s: float = 60.0, what: str = "") -> None:
-    """Poll `condition` every 0.2 s; fail the test after `timeout_s`."""
+def wait_until(
+    condition: Callable[[], bool],
+    timeout_s: float = 60.0,
+    what: str = "",
+    interval_s: float = 0.2,
+) -> None:
+    """Poll `condition` every `interval_s`; fail the test after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     while not condition():
         assert time.monotonic() < deadline, f"still not true after {timeout_s} s: {what}"
-        time.sleep(0.2)
+        time.sleep(interval_s)
 
 
 @dataclass(frozen=True)

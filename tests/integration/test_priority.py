@@ -11,6 +11,8 @@ from contextlib import contextmanager
 import httpx
 import pytest
 
+from tests.integration.conftest import wait_until
+
 pytestmark = pytest.mark.slow
 
 
@@ -19,10 +21,8 @@ def generator_scheduler(http) -> dict:
 
 
 def wait_for(predicate, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
+    """Polled often: the tests catch short-lived states (a slot held, a request queued)."""
+    wait_until(predicate, timeout_s, interval_s=0.05)
 
 
 def chat(served, priority: str, max_tokens: int, timeout: float = 120.0) -> httpx.Response:

@@ -223,14 +223,12 @@ def test_a_reserved_slot_is_kept_for_critical_and_high():
         urgent = asyncio.ensure_future(scheduler.acquire(ctx(Priority.CRITICAL)))
         await settle()
         assert urgent.done() and scheduler.in_flight == 4
-        scheduler.release(
-            urgent.result()
-        )  # the critical one ends: the reserve is free again, still not theirs
+        # the critical one ends: the reserve is free again, still not theirs
+        scheduler.release(urgent.result())
         await settle()
         assert not any(t.done() for t in late.values())
-        scheduler.release(
-            scheduler.leases[0]
-        )  # a background one ends: the best waiter (normal) takes its slot
+        # a background one ends: the best waiter (normal) takes its slot
+        scheduler.release(scheduler.leases[0])
         await settle()
         assert late["normal"].done() and not late["bg"].done()
         # aged to normal (threshold + 1 boost) it still may not take the reserve ...
