@@ -52,6 +52,8 @@ GRAPHS = {
 LOAD_FACTORS = (0.5, 0.8, 1.5, 3.0, 6.0)  # open-loop rates, as multiples of naive's peak
 COMMON_LOAD = 0.8  # the factor at which p50/p95 are compared
 SAMPLE_S = 1.0
+ROUNDS = 3  # of each embedding-throughput phase; the median round is reported
+LONE_REQUESTS = 80
 
 
 class Workload:
@@ -213,6 +215,7 @@ class Bench:
     def __init__(self, seconds: float, spec: dict[str, Any], progress: tqdm, direct: bool = False):
         self.direct = direct  # clients call the Router replica's own port, not the proxy
         self.seconds = seconds
+        self.round_seconds = max(2.0, round(seconds * 2 / 3, 1))  # ROUNDS of them per figure
         self.spec = spec
         self.workload = Workload(spec)
         self.progress = progress
@@ -228,7 +231,7 @@ class Bench:
         [app] = read_serve_yaml(GRAPHS[name])
         out: dict[str, Any] = {"config": str(GRAPHS[name].relative_to(ROOT))}
         run = self.workload.run
-        secs = str(self.seconds)
+        secs, rsecs = str(self.seconds), str(self.round_seconds)
         self.step(f"{name}: starting Ray Serve and vLLM")
         with (
             tempfile.TemporaryDirectory(prefix=f"mneme-{name}-") as data_dir,  # starts empty
@@ -241,22 +244,27 @@ class Bench:
             self.step(f"{name}: adding the memory corpora")
             out["seed"] = run(url, "--seed-corpus", "--max-requests", "0")["seeded_memories"]
             self.step(f"{name}: lone-request latency")
-            lone = ["--kind", "unique-embed", "--concurrency", "1", "--max-requests", "40"]
+            lone = ["--kind", "unique-embed", "--concurrency", "1"]
+            lone += ["--max-requests", str(LONE_REQUESTS)]
             out["lone_embed"] = run(url, *lone, "--stream", "1")["summary"]
             if name == "compute_aware":
                 out["lone_embed_fixed_window"] = self._fixed_window(url, lambda: run(url, *lone))
                 self.step("no-op Serve path: 32 clients")
                 noop = ["--kind", "unique-embed", "--path", "/noop/v1/embeddings"]
                 noop_url = ingress_url("noop", url)
-                self.results["noop"] = run(noop_url, *noop, "--seconds", secs)["summary"]
+                self.results["noop"] = self.rounds(
+                    lambda i: run(noop_url, *noop, "--seconds", rsecs, "--stream", str(i))
+                )
             self.step(f"{name}: unique texts, 32 clients")
-            before = sampler.take()
-            unique = ["--kind", "unique-embed", "--concurrency", "32", "--seconds", secs]
-            out["unique_embed_32"] = run(url, *unique, "--stream", "2")["summary"]
-            out["unique_embed_32"]["replicas"] = replica_use(before, sampler.take())
+            unique = ["--kind", "unique-embed", "--concurrency", "32", "--seconds", rsecs]
+            out["unique_embed_32"] = self.rounds(
+                lambda i: run(url, *unique, "--stream", str(2 + 100 * i)), sampler
+            )
             self.step(f"{name}: 32-text requests")
             batched = ["--kind", "unique-embed", "--texts-per-request", "32", "--concurrency", "4"]
-            summary = run(url, *batched, "--seconds", secs, "--stream", "3")["summary"]
+            summary = self.rounds(
+                lambda i: run(url, *batched, "--seconds", rsecs, "--stream", str(3 + 100 * i))
+            )
             summary["texts_per_s"] = summary["throughput_rps"] * 32
             out["embed_32_texts"] = summary
 
@@ -298,6 +306,20 @@ class Bench:
             out["stats"] = stats_after
         return out | {"rates": rates}
 
+    def rounds(self, measure, sampler: StatsSampler | None = None) -> dict[str, Any]:
+        """`measure(i)` (a workload run) `ROUNDS` times: the summary of the round with the
+        median throughput (with the replicas' use during it, given `sampler`) and every
+        round's throughput. One short phase swings by 10-20 % here; a median of three less."""
+        runs = []
+        for i in range(ROUNDS):
+            before = sampler.take() if sampler else None
+            summary = measure(i)["summary"]
+            if sampler:
+                summary["replicas"] = replica_use(before, sampler.take())
+            runs.append(summary)
+        median = sorted(runs, key=lambda r: r["throughput_rps"])[len(runs) // 2]
+        return median | {"rounds_rps": [r["throughput_rps"] for r in runs]}
+
     def _fixed_window(self, url: str, measure) -> dict[str, Any]:
         from ray import serve
 
@@ -330,11 +352,13 @@ class Bench:
         with infinity_server(EmbedderConfig().resolved_model_path()) as url:
             base = ["--kind", "unique-embed", "--path", "/embeddings", "--model", SERVED_MODEL]
             run = self.workload.run
+            lone = run(url, *base, "--concurrency", "1", "--max-requests", str(LONE_REQUESTS))
+            rsecs = str(self.round_seconds)
             return {
-                "lone_embed": run(url, *base, "--concurrency", "1", "--max-requests", "40")[
-                    "summary"
-                ],
-                "unique_embed_32": run(url, *base, "--seconds", str(self.seconds))["summary"],
+                "lone_embed": lone["summary"],
+                "unique_embed_32": self.rounds(
+                    lambda i: run(url, *base, "--seconds", rsecs, "--stream", str(2 + 100 * i))
+                ),
             }
 
 
@@ -358,9 +382,12 @@ def ratios(results: dict[str, Any]) -> dict[str, float]:
         "cpu_s_per_1000_at_peak_naive": plots.busiest(naive)["cpu_s_per_1000"],
         "idle_cores_aware": sum(aware["idle_cores"].values()),
         "idle_cores_naive": sum(naive["idle_cores"].values()),
-        "answer_served_without_compute": aware["cache"]
-        .get("answer", {})
-        .get("served_without_compute", 0.0),
+        **{
+            f"{kind}_served_without_compute": aware["cache"]
+            .get(kind, {})
+            .get("served_without_compute", 0.0)
+            for kind in ("embedding", "search", "answer")
+        },
         "embedding_hit_rate": aware["cache"].get("embedding", {}).get("hit_rate", 0.0),
         "search_hit_rate": aware["cache"].get("search", {}).get("hit_rate", 0.0),
         "answer_hit_rate": aware["cache"].get("answer", {}).get("hit_rate", 0.0),

@@ -148,24 +148,15 @@ def headline_table(results: dict[str, Any]) -> str:
             f"idle: {r['idle_cores_aware']:.2f} vs {r['idle_cores_naive']:.2f} cores",
             "",
         ),
-        (
-            "embedding-cache hit rate (best possible on this trace)",
-            f"{r['embedding_hit_rate']:.0%}",
-            f"({r['embedding_best_possible']:.0%})",
-            "73 %",
-        ),
-        (
-            "search-cache hit rate (best possible)",
-            f"{r['search_hit_rate']:.0%}",
-            f"({r['search_best_possible']:.0%})",
-            "68 %",
-        ),
-        (
-            "answer-cache hit rate (best possible)",
-            f"{r['answer_hit_rate']:.0%}",
-            f"({r['answer_best_possible']:.0%}); "
-            f"{r['answer_served_without_compute']:.0%} with joined misses",
-            "",
+        *(
+            (
+                f"{kind}-cache hit rate (best possible on this trace)",
+                f"{r[f'{kind}_hit_rate']:.0%}",
+                f"({r[f'{kind}_best_possible']:.0%}); "
+                f"{r[f'{kind}_served_without_compute']:.0%} with joined misses",
+                report,
+            )
+            for kind, report in (("embedding", "73 %"), ("search", "68 %"), ("answer", ""))
         ),
         (
             "Embedder's useful work (texts/s over the offline ceiling), aware / naive",

@@ -23,6 +23,7 @@ from pathlib import Path
 import httpx
 
 from benchmarks.serving import free_port
+from graphs import serve_env
 
 BIN = Path(sys.executable).parent
 
@@ -73,7 +74,7 @@ class LocalRayCluster:
         token_path = self.work_dir / "ray_auth_token"
         token_path.write_text(token)
         self.env = {
-            **os.environ,
+            **serve_env.apply(dict(os.environ)),  # for `ray start`
             **(env or {}),
             "RAY_USAGE_STATS_ENABLED": "0",
             "RAY_AUTH_MODE": "token",

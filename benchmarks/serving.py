@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from graphs import serve_env
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -96,16 +98,14 @@ def served_app(
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault(  # the body limit at the proxy, as `make run` has it
-        "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "deployments.http_errors:proxy_middlewares"
-    )
     import ray
     from ray import serve
 
     port = free_port()
-    ray.init(
-        num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, namespace="mneme-bench"
-    )
+    with serve_env.for_ray_processes():  # as `make run` has it
+        ray.init(
+            num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, namespace="mneme-bench"
+        )
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_noop_app(), name="noop", route_prefix="/noop")

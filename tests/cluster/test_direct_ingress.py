@@ -21,6 +21,7 @@ import yaml
 from ray._private.services import get_node_ip_address as node_ip_address
 
 from benchmarks.serving import DIRECT_INGRESS_ENV, free_port
+from graphs.serve_env import SERVE_ENV
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,7 +53,7 @@ def test_the_router_answers_on_its_own_port(tmp_path):
         **DIRECT_INGRESS_ENV,  # what `make run DIRECT_INGRESS=1` exports
         "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(direct_port),
         "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(direct_port + 1),
-        "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "deployments.http_errors:proxy_middlewares",
+        **SERVE_ENV,
     }
     env.pop("RAY_ADDRESS", None)
     log = tmp_path / "serve.log"

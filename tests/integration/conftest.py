@@ -5,7 +5,6 @@ vLLM takes 30-60 s to start here, so the graph starts once per test session, nev
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from graphs import serve_env
 from tests.conftest import free_port
 from tests.redis_server import RedisServer
 
@@ -74,16 +74,14 @@ def redeploy() -> None:
 
 @pytest.fixture(scope="session")
 def served(tmp_path_factory) -> Iterator[ServedApp]:
-    os.environ["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] = (
-        "deployments.http_errors:proxy_middlewares"
-    )
     import ray
     from ray import serve
 
     port = free_port()
     data_dir = tmp_path_factory.mktemp("memories")
     redis_server = RedisServer().start()
-    ray.init(num_cpus=2, include_dashboard=False, namespace="mneme-tests", log_to_driver=False)
+    with serve_env.for_ray_processes():  # as `make run` has it
+        ray.init(num_cpus=2, include_dashboard=False, namespace="mneme-tests", log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         args = {

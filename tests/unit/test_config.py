@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -5,6 +6,7 @@ import yaml
 from pydantic import ValidationError
 
 from graphs.naive import naive_config
+from graphs.serve_env import SERVE_ENV, apply, for_ray_processes
 from graphs.serve_yaml import read_serve_yaml
 from graphs.validate import main as validate_main
 from graphs.validate import validate_file
@@ -89,6 +91,32 @@ def test_the_kuberay_manifest_embeds_cluster_yaml_verbatim():
     [service] = [d for d in docs if d["kind"] == "RayService"]
     embedded = yaml.safe_load(service["spec"]["serveConfigV2"])
     assert embedded == yaml.safe_load((ROOT / "configs/cluster.yaml").read_text())
+
+
+def test_every_launcher_sets_the_serve_environment():
+    """`make` exports SERVE_ENV, and every KubeRay container sets it (the body limit at the
+    proxy, gRPC between replicas): each copy names the same variables and values."""
+    makefile = (ROOT / "Makefile").read_text().replace("\\\n", " ")
+    [line] = [line for line in makefile.splitlines() if line.startswith("SERVE_ENV :=")]
+    assert dict(pair.split("=", 1) for pair in line.split()[2:]) == SERVE_ENV
+    assert "$(SERVE_ENV)" in next(line for line in makefile.splitlines() if "/serve run" in line)
+    docs = [d for d in yaml.safe_load_all((ROOT / "configs/kuberay/rayservice.yaml").open()) if d]
+    [service] = [d for d in docs if d["kind"] == "RayService"]
+    cluster = service["spec"]["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for pod in pods:
+        for container in pod["template"]["spec"]["containers"]:
+            assert {e["name"]: e["value"] for e in container["env"]} == SERVE_ENV
+
+
+def test_serve_env_leaves_what_the_caller_set_and_only_lasts_for_ray_init(monkeypatch):
+    environ = apply({"RAY_SERVE_USE_GRPC_BY_DEFAULT": "0"})
+    assert environ["RAY_SERVE_USE_GRPC_BY_DEFAULT"] == "0"
+    assert environ["RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP"] == "0"
+    monkeypatch.delenv("RAY_SERVE_USE_GRPC_BY_DEFAULT", raising=False)
+    with for_ray_processes():
+        assert os.environ["RAY_SERVE_USE_GRPC_BY_DEFAULT"] == "1"
+    assert "RAY_SERVE_USE_GRPC_BY_DEFAULT" not in os.environ
 
 
 def test_cluster_yaml_autoscales_every_deployment_and_shares_its_state():

@@ -1,0 +1,45 @@
+"""The environment Ray Serve's processes need for Mneme, read as each process starts.
+
+`make run` sets it for `serve run`; Python entry points that start Ray themselves (the tests,
+the benchmarks) wrap `ray.init` in `for_ray_processes()`. On a cluster every `ray start`
+needs it (README, KubeRay manifest). Not for a process that calls deployment handles from
+synchronous code: with the router on the caller's loop, a handle needs a running event loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, MutableMapping
+
+SERVE_ENV = {
+    # the request-body limit, enforced by Serve's HTTP proxy itself (deployments/http_errors.py)
+    "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "deployments.http_errors:proxy_middlewares",
+    # Three of the settings RAY_SERVE_THROUGHPUT_OPTIMIZED makes, leaving out its direct
+    # ingress (opt-in here: README "Direct ingress"). Each saves a hop per downstream call:
+    "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",  # calls between replicas over gRPC, by value
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",  # handlers on the replica's own loop
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",  # a handle's request router on the caller's
+}
+
+
+def apply(environ: MutableMapping[str, str]) -> MutableMapping[str, str]:
+    """`SERVE_ENV` into `environ`, leaving any variable already set as it is."""
+    for key, value in SERVE_ENV.items():
+        environ.setdefault(key, value)
+    return environ
+
+
+@contextlib.contextmanager
+def for_ray_processes() -> Iterator[None]:
+    """`SERVE_ENV` for the processes started inside (Ray's, by `ray.init`: they inherit this
+    environment), not for this one, whose handles stay usable from synchronous code."""
+    import ray.serve._private.constants  # noqa: F401  this process's settings, read now
+
+    saved = dict(os.environ)
+    apply(os.environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
