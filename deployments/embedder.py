@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 
 # Idle OpenMP threads sleep instead of spinning: on a node shared with the proxy and the
 # Router, spinning threads took CPU from them (measured: 12 -> 7.5 ms of CPU per text with 2
@@ -26,11 +27,13 @@ from mneme.config import EmbedderConfig, parse_batch_config
 from mneme.records import BatchStats, Embeddings
 
 ENCODE_BATCH_SIZE = 64  # texts per forward pass inside one served batch
-# A call that finds the replica idle and carries at most this many texts is encoded on one
-# torch thread: waking a sleeping second core costs more than it saves on so little work
-# (measured here after a 50 ms gap: 1 text 13.0 ms on 1 thread vs 16.9 on 2; 4 texts 25.5 vs
-# 30.0; 8 texts 43 vs 38). Busy replicas and bigger calls use every configured thread.
+# A call that finds the replica idle for a while and carries at most this many texts is
+# encoded on one torch thread: waking a sleeping second core costs more than it saves on so
+# little work. Measured here, 1 text (10 words), 2 threads vs 1: 13.9 vs 16.1 ms when the last
+# encode ended 8-12 ms before, 19-21 vs 16-17 ms after 20-30 ms (and after 50 ms: 4 texts
+# 30.0 vs 25.5, 8 texts 38 vs 43). Busy replicas and bigger calls use every configured thread.
 IDLE_ONE_THREAD_MAX_TEXTS = 4
+IDLE_ONE_THREAD_AFTER_S = 0.015
 
 
 @serve.deployment(
@@ -48,6 +51,7 @@ class Embedder:
 
         self._threads = None
         self._one_thread_calls = 0
+        self._last_encode_end = float("-inf")  # time.monotonic()
         if config.device == "cpu":
             self._threads = config.torch_threads or os.cpu_count() or 1
             torch.set_num_threads(self._threads)
@@ -66,7 +70,11 @@ class Embedder:
         """Vectors (len(texts), dim) float32 with L2-normalised rows, and token counts."""
         with self._gate.admit() as at_once:
             if at_once:
-                one_thread = self._threads is not None and len(texts) <= IDLE_ONE_THREAD_MAX_TEXTS
+                one_thread = (
+                    self._threads is not None
+                    and len(texts) <= IDLE_ONE_THREAD_MAX_TEXTS
+                    and time.monotonic() - self._last_encode_end >= IDLE_ONE_THREAD_AFTER_S
+                )
                 self._one_thread_calls += one_thread
                 return (await self._encode_calls([texts], 1 if one_thread else None))[0]
             return await self._embed_batch(texts)
@@ -82,6 +90,7 @@ class Embedder:
         with self._stats.batch(len(calls), len(flat)):
             # encode off the event loop, so new calls queue up for the next batch meanwhile
             vectors, tokens = await asyncio.to_thread(self._encode, flat, threads)
+        self._last_encode_end = time.monotonic()
         return Embeddings(vectors, tokens).split([len(texts) for texts in calls])
 
     def _encode(self, texts: list[str], threads: int | None) -> tuple[np.ndarray, list[int]]:
