@@ -11,11 +11,10 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 # For the processes `serve run` starts, graphs/serve_env.py's SERVE_ENV (a unit test keeps the
-# two equal): the body limit at Serve's HTTP proxy, gRPC calls between replicas, handlers on
-# the replicas' own loops. The tests and benchmarks set it themselves around `ray.init`.
+# two equal): the body limit at Serve's HTTP proxy, handlers and handle routers on the
+# replicas' own loops. The tests and benchmarks set it themselves around `ray.init`.
 SERVE_ENV := RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=deployments.http_errors:proxy_middlewares \
-	RAY_SERVE_USE_GRPC_BY_DEFAULT=1 RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0 \
-	RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0
+	RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0 RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0
 
 # DIRECT_INGRESS=1 make run: Ray Serve's direct ingress (experimental in Ray 2.60). The Router
 # replica answers HTTP itself on DIRECT_PORT, one hop less than the proxy, which stays on 8000.

@@ -110,13 +110,13 @@ def test_every_launcher_sets_the_serve_environment():
 
 
 def test_serve_env_leaves_what_the_caller_set_and_only_lasts_for_ray_init(monkeypatch):
-    environ = apply({"RAY_SERVE_USE_GRPC_BY_DEFAULT": "0"})
-    assert environ["RAY_SERVE_USE_GRPC_BY_DEFAULT"] == "0"
+    environ = apply({"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1"})
+    assert environ["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "1"
     assert environ["RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP"] == "0"
-    monkeypatch.delenv("RAY_SERVE_USE_GRPC_BY_DEFAULT", raising=False)
+    monkeypatch.delenv("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", raising=False)
     with for_ray_processes():
-        assert os.environ["RAY_SERVE_USE_GRPC_BY_DEFAULT"] == "1"
-    assert "RAY_SERVE_USE_GRPC_BY_DEFAULT" not in os.environ
+        assert os.environ["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "0"
+    assert "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD" not in os.environ
 
 
 def test_cluster_yaml_autoscales_every_deployment_and_shares_its_state():
