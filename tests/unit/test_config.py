@@ -86,23 +86,27 @@ def test_naive_yaml_uses_the_same_replicas_as_the_local_default():
             assert naive.deployment_options[name][knob] == options[knob], (name, knob)
 
 
-def test_the_kuberay_manifest_embeds_cluster_yaml_verbatim():
+def kuberay_service() -> dict:
+    """The RayService document of the KubeRay manifest."""
     docs = [d for d in yaml.safe_load_all((ROOT / "configs/kuberay/rayservice.yaml").open()) if d]
     [service] = [d for d in docs if d["kind"] == "RayService"]
+    return service
+
+
+def test_the_kuberay_manifest_embeds_cluster_yaml_verbatim():
+    service = kuberay_service()
     embedded = yaml.safe_load(service["spec"]["serveConfigV2"])
     assert embedded == yaml.safe_load((ROOT / "configs/cluster.yaml").read_text())
 
 
 def test_every_launcher_sets_the_serve_environment():
-    """`make` exports SERVE_ENV, and every KubeRay container sets it (the body limit at the
-    proxy, gRPC between replicas): each copy names the same variables and values."""
+    """`make run` sets SERVE_ENV, and every KubeRay container sets it (the body limit at the
+    proxy, handlers on the replicas' own loops): each copy names the same variables and values."""
     makefile = (ROOT / "Makefile").read_text().replace("\\\n", " ")
     [line] = [line for line in makefile.splitlines() if line.startswith("SERVE_ENV :=")]
     assert dict(pair.split("=", 1) for pair in line.split()[2:]) == SERVE_ENV
     assert "$(SERVE_ENV)" in next(line for line in makefile.splitlines() if "/serve run" in line)
-    docs = [d for d in yaml.safe_load_all((ROOT / "configs/kuberay/rayservice.yaml").open()) if d]
-    [service] = [d for d in docs if d["kind"] == "RayService"]
-    cluster = service["spec"]["rayClusterConfig"]
+    cluster = kuberay_service()["spec"]["rayClusterConfig"]
     pods = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
     for pod in pods:
         for container in pod["template"]["spec"]["containers"]:
