@@ -61,6 +61,11 @@ class Embedder:
         )
         self.dim = int(self._model.get_sentence_embedding_dimension())
         self._stats = BatchStats()
+        # One encode at a time: a call run at once and a batch from `@serve.batch` (several
+        # Router replicas, each with a merged call in flight) would otherwise share the cores,
+        # and each take about as long as both in a row.
+        self._encoding = asyncio.Lock()
+        self._waited = 0  # encodes that waited for another one to finish
         self._gate = BatchGate(self._embed_batch, config.batch)
 
     def reconfigure(self, user_config: dict | None) -> None:
@@ -87,10 +92,12 @@ class Embedder:
         self, calls: list[list[str]], threads: int | None = None
     ) -> list[Embeddings]:
         flat = [text for texts in calls for text in texts]
-        with self._stats.batch(len(calls), len(flat)):
-            # encode off the event loop, so new calls queue up for the next batch meanwhile
-            vectors, tokens = await asyncio.to_thread(self._encode, flat, threads)
-        self._last_encode_end = time.monotonic()
+        self._waited += self._encoding.locked()
+        async with self._encoding:
+            with self._stats.batch(len(calls), len(flat)):
+                # encode off the event loop, so new calls queue up for the next batch meanwhile
+                vectors, tokens = await asyncio.to_thread(self._encode, flat, threads)
+            self._last_encode_end = time.monotonic()
         return Embeddings(vectors, tokens).split([len(texts) for texts in calls])
 
     def _encode(self, texts: list[str], threads: int | None) -> tuple[np.ndarray, list[int]]:
@@ -113,6 +120,7 @@ class Embedder:
             **self._gate.stats(),
             "torch_threads": self._threads or torch.get_num_threads(),
             "encoded_on_one_thread": self._one_thread_calls,
+            "encodes_waited": self._waited,
             "max_ongoing_requests": max_ongoing_requests(),
             **identity(),
         }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -94,3 +95,22 @@ def test_a_fixed_window_is_waited_out_by_a_lone_request(http):
     finally:
         handle.reconfigure.remote(None).result()
     assert embedder_stats(http)["adaptive"] is True
+
+
+def test_a_call_arriving_mid_encode_waits_for_it(http):
+    """Several Router replicas each keep a merged call in flight: a call that finds the replica
+    busy joins `@serve.batch`, and its batch starts only when the running encode ends."""
+    handle = serve.get_deployment_handle("Embedder", app_name=APP_NAME)
+    run = uuid.uuid4().hex
+    before = embedder_stats(http)
+    bulk = handle.embed.remote([f"a long bulk call {i} {run}" for i in range(256)])
+    deadline = time.monotonic() + 30
+    while embedder_stats(http)["dispatched_at_once"] == before["dispatched_at_once"]:
+        assert time.monotonic() < deadline, "the bulk call never started"
+        time.sleep(0.005)
+    late = handle.embed.remote([f"arrives mid-encode {run}"])
+    assert late.result().vectors.shape == (1, 384)
+    assert bulk.result().vectors.shape == (256, 384)
+    after = embedder_stats(http)
+    assert after["dispatched_at_once"] == before["dispatched_at_once"] + 1  # the bulk call only
+    assert after["encodes_waited"] == before["encodes_waited"] + 1  # the late call's batch
