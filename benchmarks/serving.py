@@ -55,12 +55,6 @@ def served_graph(mneme_args: dict[str, Any], options: dict | None = None) -> Ite
             yield base_url
 
 
-DIRECT_INGRESS_ENV = {  # Ray Serve's direct ingress: each ingress replica serves HTTP itself
-    "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
-    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",  # shut down without a 30 s drain
-}
-
-
 def ingress_url(app_name: str, proxy_url: str, timeout_s: float = 60.0) -> str:
     """Where `app_name` answers HTTP: its ingress replica's own port under direct ingress
     (the first replica's; nothing balances between replicas then), else the proxy."""
@@ -92,9 +86,9 @@ def served_app(
     """Ray + Serve on a free port: the application `build()` returns at `/`, the no-op
     ingress at `/noop`; everything is shut down on exit. Yields Mneme's URL: the proxy's, or
     with `direct_ingress` the Router replica's own (`ingress_url` finds the no-op's)."""
-    saved = {key: os.environ.get(key) for key in DIRECT_INGRESS_ENV}
+    saved = {key: os.environ.get(key) for key in serve_env.DIRECT_INGRESS_ENV}
     if direct_ingress:  # read at import by the controller and replicas: set before ray.init
-        os.environ.update(DIRECT_INGRESS_ENV)
+        os.environ.update(serve_env.DIRECT_INGRESS_ENV)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

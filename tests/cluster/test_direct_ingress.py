@@ -20,8 +20,8 @@ import pytest
 import yaml
 from ray._private.services import get_node_ip_address as node_ip_address
 
-from benchmarks.serving import DIRECT_INGRESS_ENV, free_port
-from graphs.serve_env import SERVE_ENV
+from benchmarks.serving import free_port
+from graphs.serve_env import SERVE_ENV, direct_ingress_env
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,9 +50,7 @@ def test_the_router_answers_on_its_own_port(tmp_path):
     path.write_text(yaml.safe_dump(config))
     env = {
         **os.environ,
-        **DIRECT_INGRESS_ENV,  # what `make run DIRECT_INGRESS=1` exports
-        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(direct_port),
-        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(direct_port + 1),
+        **direct_ingress_env(direct_port, 1),  # what `make run DIRECT_INGRESS=1` exports
         **SERVE_ENV,
     }
     env.pop("RAY_ADDRESS", None)

@@ -1,4 +1,5 @@
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -6,7 +7,7 @@ import yaml
 from pydantic import ValidationError
 
 from graphs.naive import naive_config
-from graphs.serve_env import SERVE_ENV, apply, for_ray_processes
+from graphs.serve_env import SERVE_ENV, apply, direct_ingress_env, for_ray_processes
 from graphs.serve_yaml import read_serve_yaml
 from graphs.validate import main as validate_main
 from graphs.validate import validate_file
@@ -99,13 +100,19 @@ def test_the_kuberay_manifest_embeds_cluster_yaml_verbatim():
     assert embedded == yaml.safe_load((ROOT / "configs/cluster.yaml").read_text())
 
 
-def test_every_launcher_sets_the_serve_environment():
-    """`make run` sets SERVE_ENV, and every KubeRay container sets it (the body limit at the
-    proxy, handlers on the replicas' own loops): each copy names the same variables and values."""
-    makefile = (ROOT / "Makefile").read_text().replace("\\\n", " ")
-    [line] = [line for line in makefile.splitlines() if line.startswith("SERVE_ENV :=")]
-    assert dict(pair.split("=", 1) for pair in line.split()[2:]) == SERVE_ENV
-    assert "$(SERVE_ENV)" in next(line for line in makefile.splitlines() if "/serve run" in line)
+@pytest.mark.parametrize("direct", [False, True], ids=["proxy", "direct-ingress"])
+def test_make_run_exports_the_serve_environment(direct):
+    """The environment `make run` (and `DIRECT_INGRESS=1 make run`) gives `serve run` is
+    SERVE_ENV (the body limit at the proxy, handlers on the replicas' own loops), plus the
+    direct-ingress settings with ports 8100-8200 when asked."""
+    argv = ["make", "-n", "run", *(["DIRECT_INGRESS=1"] if direct else [])]
+    printed = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    [line] = [line for line in printed.splitlines() if "/serve run" in line]
+    env = dict(word.split("=", 1) for word in line.split() if "=" in word)
+    assert env == SERVE_ENV | (direct_ingress_env(8100, 100) if direct else {})
+
+
+def test_every_kuberay_container_sets_the_serve_environment():
     cluster = kuberay_service()["spec"]["rayClusterConfig"]
     pods = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
     for pod in pods:
