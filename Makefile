@@ -18,6 +18,8 @@ SERVE_ENV := RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=deployments.http_errors:p
 
 # DIRECT_INGRESS=1 make run: Ray Serve's direct ingress (experimental in Ray 2.60). The Router
 # replica answers HTTP itself on DIRECT_PORT, one hop less than the proxy, which stays on 8000.
+# DIRECT_ENV is graphs/serve_env.py's direct_ingress_env(DIRECT_PORT, 100) (a unit test keeps
+# the two equal).
 DIRECT_INGRESS ?= 0
 DIRECT_PORT ?= 8100
 DIRECT_ENV := RAY_SERVE_ENABLE_DIRECT_INGRESS=1 RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=0 \
