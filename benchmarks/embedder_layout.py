@@ -1,8 +1,9 @@
-"""Embedder layouts side by side in one run: one replica with 2 torch threads (the shipped
-default) against two replicas with 1 thread each, on the embedding-only loads of the
-comparison benchmark.
+"""Embedder layouts side by side in one run: one replica with 2 torch threads that splits big
+batches into a shard per thread (the shipped default), the same replica encoding every batch
+as one 2-thread encode, and two replicas with 1 thread each, on the embedding-only loads of
+the comparison benchmark.
 
-    python -m benchmarks.embedder_layout [--seconds 12] [--rounds 2]
+    python -m benchmarks.embedder_layout [--seconds 12] [--rounds 2] [--direct-ingress]
 
 Each layout serves the compute-aware graph (`configs/local.yaml` defaults) and gets: 60 lone
 requests (p50), unique single texts from 32 clients (req/s), and 32-text requests from 4
@@ -21,7 +22,8 @@ from benchmarks.compare import RESULTS, Workload
 from benchmarks.serving import served_graph
 
 LAYOUTS = {  # (Mneme args, deployment options) over the shipped defaults
-    "1 replica x 2 threads": ({}, {}),
+    "1 replica x 2 threads, split": ({}, {}),
+    "1 replica x 2 threads, whole": ({"embedder": {"split_min_texts": None}}, {}),
     "2 replicas x 1 thread": (
         {"embedder": {"torch_threads": 1}},
         {"Embedder": {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.25}}},
@@ -48,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=12.0)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--json", type=Path, default=RESULTS / "embedder_layout.json")
+    parser.add_argument("--direct-ingress", action="store_true", help="skip Serve's proxy")
     args = parser.parse_args(argv)
     workload, runs = Workload({}), {name: [] for name in LAYOUTS}
     stream = 300  # fresh texts for every measurement: nothing is a cache hit
@@ -55,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         order = list(LAYOUTS) if round_ % 2 == 0 else list(reversed(LAYOUTS))
         for name in order:
             mneme_args, options = LAYOUTS[name]
-            with served_graph(mneme_args, options) as url:
+            with served_graph(mneme_args, options, args.direct_ingress) as url:
                 runs[name].append(measure(workload, url, args.seconds, stream))
             stream += 10
             print(name, {k: round(v, 1) for k, v in runs[name][-1].items()}, flush=True)

@@ -40,8 +40,11 @@ def build_noop_app():
 
 
 @contextlib.contextmanager
-def served_graph(mneme_args: dict[str, Any], options: dict | None = None) -> Iterator[str]:
-    """Ray + Serve on a free port: Mneme (from YAML-style args) at `/`, no-op at `/noop`."""
+def served_graph(
+    mneme_args: dict[str, Any], options: dict | None = None, direct_ingress: bool = False
+) -> Iterator[str]:
+    """Ray + Serve on a free port: Mneme (from YAML-style args) at `/`, no-op at `/noop`
+    (`served_app` says what `direct_ingress` changes)."""
     import tempfile
 
     from graphs.app import bind_graph
@@ -51,7 +54,11 @@ def served_graph(mneme_args: dict[str, Any], options: dict | None = None) -> Ite
     with tempfile.TemporaryDirectory(prefix="mneme-bench-") as data_dir:
         # a fresh memory log, unless the caller chose one
         args = merged({"vector_search": {"storage": {"data_dir": data_dir}}}, mneme_args)
-        with served_app(lambda: bind_graph(load_config(args), options)) as base_url:
+
+        def build():
+            return bind_graph(load_config(args), options)
+
+        with served_app(build, direct_ingress=direct_ingress) as base_url:
             yield base_url
 
 

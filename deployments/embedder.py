@@ -9,7 +9,9 @@ without a restart.
 from __future__ import annotations
 
 import asyncio
+import copy
 import os
+import threading
 import time
 
 # Idle OpenMP threads sleep instead of spinning: on a node shared with the proxy and the
@@ -34,6 +36,11 @@ ENCODE_BATCH_SIZE = 64  # texts per forward pass inside one served batch
 # 30.0 vs 25.5, 8 texts 38 vs 43). Busy replicas and bigger calls use every configured thread.
 IDLE_ONE_THREAD_MAX_TEXTS = 4
 IDLE_ONE_THREAD_AFTER_S = 0.015
+# Bigger batches on CPU are cut into one shard per thread, each encoded on one thread, side by
+# side (`EmbedderConfig.split_min_texts`). One encode over 2 OpenMP threads meets a barrier at
+# every op, so a thread that the proxy or the Router preempts holds up both. Measured in one
+# process, texts/s split vs whole: 1.16x at 64 texts, 1.08x at 32, 1.05x at 8, 0.97x at 4; with
+# a process beside it busy 25 % of the time, 1.24x at 64 and 1.17x at 32.
 
 
 @serve.deployment(
@@ -51,6 +58,7 @@ class Embedder:
 
         self._threads = None
         self._one_thread_calls = 0
+        self._split_calls = 0
         self._last_encode_end = float("-inf")  # time.monotonic()
         if config.device == "cpu":
             self._threads = config.torch_threads or os.cpu_count() or 1
@@ -60,6 +68,15 @@ class Embedder:
             config.resolved_model_path(), device=config.device, local_files_only=True
         )
         self.dim = int(self._model.get_sentence_embedding_dimension())
+        # Two shards of a split batch encode at once and share the model's tokenizer, whose
+        # padding and truncation are settings on the tokenizer itself: transformers changes
+        # them only when a call asks for others. So every call on it must ask for the same
+        # (one encode now fixes them before anything runs concurrently), and token counts
+        # come from a private copy: counting on the shared one switched padding off between
+        # another shard's setting and its use ("Unable to create tensor", a 500 on an add).
+        self._model.encode(["warm-up"], show_progress_bar=False)
+        self._counting_tokenizer = copy.deepcopy(self._model.tokenizer)
+        self._counting = threading.Lock()
         self._stats = BatchStats()
         # One encode at a time: a call run at once and a batch from `@serve.batch` (several
         # Router replicas, each with a merged call in flight) would otherwise share the cores,
@@ -95,16 +112,38 @@ class Embedder:
         self._waited += self._encoding.locked()
         async with self._encoding:
             with self._stats.batch(len(calls), len(flat)):
-                # encode off the event loop, so new calls queue up for the next batch meanwhile
-                vectors, tokens = await asyncio.to_thread(self._encode, flat, threads)
+                vectors, tokens = await self._encode_split(flat, threads or self._threads)
             self._last_encode_end = time.monotonic()
         return Embeddings(vectors, tokens).split([len(texts) for texts in calls])
 
+    async def _encode_split(
+        self, texts: list[str], threads: int | None
+    ) -> tuple[np.ndarray, list[int]]:
+        """Encodes off the event loop (new calls queue up for the next batch meanwhile); a big
+        batch on several CPU threads as one shard per thread, side by side."""
+        split_min = self._config.split_min_texts
+        if not threads or threads < 2 or split_min is None or len(texts) < split_min:
+            return await asyncio.to_thread(self._encode, texts, threads)
+        self._split_calls += 1
+        # deal texts sorted by length round-robin, so the shards carry equal work
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        shards = [order[k::threads] for k in range(min(threads, len(texts)))]
+        parts = await asyncio.gather(
+            *(asyncio.to_thread(self._encode, [texts[i] for i in s], 1) for s in shards)
+        )
+        vectors = np.empty((len(texts), self.dim), dtype=np.float32)
+        tokens = np.empty(len(texts), dtype=np.int64)
+        for shard, (shard_vectors, shard_tokens) in zip(shards, parts, strict=True):
+            vectors[shard] = shard_vectors
+            tokens[shard] = shard_tokens
+        return vectors, tokens.tolist()
+
     def _encode(self, texts: list[str], threads: int | None) -> tuple[np.ndarray, list[int]]:
-        if self._threads is not None:
-            torch.set_num_threads(threads or self._threads)
+        if threads is not None:
+            torch.set_num_threads(threads)  # this thread's OpenMP team for the encode below
         limit = self._model.max_seq_length
-        encoded = self._model.tokenizer(texts, truncation=True, max_length=limit)["input_ids"]
+        with self._counting:
+            encoded = self._counting_tokenizer(texts, truncation=True, max_length=limit)
         vectors = self._model.encode(
             texts,
             batch_size=ENCODE_BATCH_SIZE,
@@ -112,7 +151,8 @@ class Embedder:
             convert_to_numpy=True,
             show_progress_bar=False,
         )
-        return np.ascontiguousarray(vectors, dtype=np.float32), [len(ids) for ids in encoded]
+        counts = [len(ids) for ids in encoded["input_ids"]]
+        return np.ascontiguousarray(vectors, dtype=np.float32), counts
 
     async def stats(self) -> dict:
         return {
@@ -120,6 +160,7 @@ class Embedder:
             **self._gate.stats(),
             "torch_threads": self._threads or torch.get_num_threads(),
             "encoded_on_one_thread": self._one_thread_calls,
+            "encodes_split": self._split_calls,
             "encodes_waited": self._waited,
             "max_ongoing_requests": max_ongoing_requests(),
             **identity(),

