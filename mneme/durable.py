@@ -27,7 +27,7 @@ import numpy as np
 
 from cache.keys import bucket_of
 from mneme.config import IndexConfig
-from mneme.index import MemoryStore
+from mneme.index import MemoryStore, SearchGroup
 from mneme.records import MemoryPage, NewMemory, SearchHit, StoredMemory
 
 SNAPSHOT_NAME = "snapshot.pkl"
@@ -82,13 +82,6 @@ class MemoryLog:
             ).fetchall()
         return [LogEntry(self.STREAM, s, ns, op, pickle.loads(blob)) for s, ns, op, blob in rows]
 
-    def lag(self, position: Position) -> int:
-        with self._lock:
-            row = self._db.execute(
-                "SELECT COUNT(*) FROM ops WHERE seq > ?", (int(position.get(self.STREAM, 0)),)
-            ).fetchone()
-        return int(row[0])
-
     def close(self) -> None:
         self._db.close()
 
@@ -128,13 +121,6 @@ class RedisMemoryLog:
                     )
                 )
         return out
-
-    def lag(self, position: Position) -> int:
-        behind = 0
-        for name in self.streams:
-            last = position.get(name, "0-0")
-            behind += len(self._redis.xrange(name, min=f"({last}", count=1_000))
-        return behind
 
     def close(self) -> None:
         self._redis.close()
@@ -255,9 +241,11 @@ class DurableStore:
         self.catch_up()
         return self.store.search(namespace, queries, top_k, flt)
 
-    def lag(self) -> int:
-        """Logged writes this replica has not applied (0 right after `catch_up`)."""
-        return self.log.lag(self.applied)
+    def search_many(self, groups: Sequence[SearchGroup]) -> list[list[list[SearchHit]]]:
+        """One batch of searches over several namespaces: the log is read once for all of
+        them (a Redis round trip per namespace otherwise)."""
+        self.catch_up()
+        return self.store.search_many(groups)
 
     def stats(self) -> dict[str, Any]:
         return {

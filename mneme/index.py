@@ -15,6 +15,9 @@ import numpy as np
 from mneme.config import IndexConfig
 from mneme.records import MemoryPage, NewMemory, SearchHit, StoredMemory
 
+# One search of a batch: (namespace, query rows, top_k, metadata filter or None).
+SearchGroup = tuple[str, np.ndarray, int, dict[str, Any] | None]
+
 
 def matches(metadata: dict[str, Any], flt: dict[str, Any] | None) -> bool:
     """Equality filter: every key of `flt` is present in `metadata` with an equal value."""
@@ -292,6 +295,10 @@ class MemoryStore:
         if index is None:
             return [[] for _ in range(len(queries))]
         return index.search(queries, top_k, flt)
+
+    def search_many(self, groups: Sequence[SearchGroup]) -> list[list[list[SearchHit]]]:
+        """`search` for each (namespace, queries, top_k, filter) group, in order."""
+        return [self.search(*group) for group in groups]
 
     def stats(self) -> dict[str, Any]:
         kinds: dict[str, int] = {}
