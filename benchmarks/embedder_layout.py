@@ -1,9 +1,11 @@
 """Embedder layouts side by side in one run: one replica with 2 torch threads that splits big
 batches into a shard per thread (the shipped default), the same replica encoding every batch
-as one 2-thread encode, and two replicas with 1 thread each, on the embedding-only loads of
-the comparison benchmark.
+as one 2-thread encode, the shipped replica with sentence-transformers' `encode` instead of
+its frozen forward (`embedder.frozen_forward: false`), and two replicas with 1 thread each,
+on the embedding-only loads of the comparison benchmark.
 
     python -m benchmarks.embedder_layout [--seconds 12] [--rounds 2] [--direct-ingress]
+        [--layouts 0 2]
 
 Each layout serves the compute-aware graph (`configs/local.yaml` defaults) and gets: 60 lone
 requests (p50), unique single texts from 32 clients (req/s), and 32-text requests from 4
@@ -24,6 +26,10 @@ from benchmarks.serving import served_graph
 LAYOUTS = {  # (Mneme args, deployment options) over the shipped defaults
     "1 replica x 2 threads, split": ({}, {}),
     "1 replica x 2 threads, whole": ({"embedder": {"split_min_texts": None}}, {}),
+    "1 replica x 2 threads, split, no frozen forward": (
+        {"embedder": {"frozen_forward": False}},
+        {},
+    ),
     "2 replicas x 1 thread": (
         {"embedder": {"torch_threads": 1}},
         {"Embedder": {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.25}}},
@@ -51,11 +57,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--json", type=Path, default=RESULTS / "embedder_layout.json")
     parser.add_argument("--direct-ingress", action="store_true", help="skip Serve's proxy")
+    parser.add_argument("--layouts", nargs="+", type=int, metavar="N",
+                        help="only these layouts, by number: " + "; ".join(
+                            f"{i} {name}" for i, name in enumerate(LAYOUTS)))  # fmt: skip
     args = parser.parse_args(argv)
-    workload, runs = Workload({}), {name: [] for name in LAYOUTS}
+    names = [list(LAYOUTS)[i] for i in args.layouts] if args.layouts else list(LAYOUTS)
+    workload, runs = Workload({}), {name: [] for name in names}
     stream = 300  # fresh texts for every measurement: nothing is a cache hit
     for round_ in range(args.rounds):
-        order = list(LAYOUTS) if round_ % 2 == 0 else list(reversed(LAYOUTS))
+        order = names if round_ % 2 == 0 else names[::-1]
         for name in order:
             mneme_args, options = LAYOUTS[name]
             with served_graph(mneme_args, options, args.direct_ingress) as url:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import logging
 import os
 import threading
 import time
@@ -26,6 +27,7 @@ from ray import serve  # noqa: E402
 from deployments.replica import identity, max_ongoing_requests
 from mneme.batching import BatchGate
 from mneme.config import EmbedderConfig, parse_batch_config
+from mneme.frozen_encoder import FrozenEncoder
 from mneme.records import BatchStats, Embeddings
 
 ENCODE_BATCH_SIZE = 64  # texts per forward pass inside one served batch
@@ -41,6 +43,8 @@ IDLE_ONE_THREAD_AFTER_S = 0.015
 # every op, so a thread that the proxy or the Router preempts holds up both. Measured in one
 # process, texts/s split vs whole: 1.16x at 64 texts, 1.08x at 32, 1.05x at 8, 0.97x at 4; with
 # a process beside it busy 25 % of the time, 1.24x at 64 and 1.17x at 32.
+
+logger = logging.getLogger("ray.serve")
 
 
 @serve.deployment(
@@ -67,7 +71,7 @@ class Embedder:
         self._model = SentenceTransformer(
             config.resolved_model_path(), device=config.device, local_files_only=True
         )
-        self.dim = int(self._model.get_sentence_embedding_dimension())
+        self.dim = int(self._model.get_embedding_dimension())
         # Two shards of a split batch encode at once and share the model's tokenizer, whose
         # padding and truncation are settings on the tokenizer itself: transformers changes
         # them only when a call asks for others. So every call on it must ask for the same
@@ -76,6 +80,12 @@ class Embedder:
         # another shard's setting and its use ("Unable to create tensor", a 500 on an add).
         self._model.encode(["warm-up"], show_progress_bar=False)
         self._counting_tokenizer = copy.deepcopy(self._model.tokenizer)
+        self._frozen: FrozenEncoder | None = None
+        if config.frozen_forward and config.device == "cpu":
+            self._frozen, why_not = FrozenEncoder.of(self._model, ENCODE_BATCH_SIZE)
+            if why_not:
+                logger.warning("embedder.frozen_forward: encoding with sentence-transformers "
+                               "instead, the model cannot be frozen: %s", why_not)  # fmt: skip
         self._counting = threading.Lock()
         self._stats = BatchStats()
         # One encode at a time: a call run at once and a batch from `@serve.batch` (several
@@ -141,6 +151,8 @@ class Embedder:
     def _encode(self, texts: list[str], threads: int | None) -> tuple[np.ndarray, list[int]]:
         if threads is not None:
             torch.set_num_threads(threads)  # this thread's OpenMP team for the encode below
+        if self._frozen is not None:
+            return self._frozen.encode(texts)
         limit = self._model.max_seq_length
         with self._counting:
             encoded = self._counting_tokenizer(texts, truncation=True, max_length=limit)
@@ -162,6 +174,7 @@ class Embedder:
             "encoded_on_one_thread": self._one_thread_calls,
             "encodes_split": self._split_calls,
             "encodes_waited": self._waited,
+            "frozen_forward": self._frozen is not None,
             "max_ongoing_requests": max_ongoing_requests(),
             **identity(),
         }

@@ -11,6 +11,7 @@ import pytest
 
 from deployments.embedder import IDLE_ONE_THREAD_AFTER_S, IDLE_ONE_THREAD_MAX_TEXTS, Embedder
 from mneme.config import EmbedderConfig
+from mneme.frozen_encoder import FrozenEncoder
 
 SETTERS = ("enable_padding", "no_padding", "enable_truncation", "no_truncation")
 
@@ -87,3 +88,48 @@ def test_a_small_call_after_a_pause_runs_on_one_thread(embedder, monkeypatch):
     asyncio.run(calls())
     assert threads_used == [1, 2, 2]
     assert embedder._one_thread_calls == before + 1
+
+
+def varied_texts(n: int) -> list[str]:
+    """Lengths from one word to past the model's 256-token limit, some non-ASCII."""
+    rng = np.random.default_rng(3)
+    words = "the agent recalled a budget meeting émigré 日本 plans over lunch".split()
+    return [" ".join(rng.choice(words, int(rng.integers(1, 300)))) for _ in range(n)]
+
+
+def test_the_frozen_forward_gives_sentence_transformers_vectors_and_token_counts(embedder):
+    """More texts than one forward pass takes (sorted by length into passes, put back in the
+    callers' order), padding, truncation."""
+    assert embedder._frozen is not None
+    texts = varied_texts(150)
+    vectors, tokens = embedder._encode(texts, 2)
+    reference = embedder._model.encode(texts, normalize_embeddings=True)
+    np.testing.assert_allclose(vectors, reference, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    limit = embedder._model.max_seq_length
+    counted = copy.deepcopy(embedder._model.tokenizer)(texts, truncation=True, max_length=limit)
+    assert tokens == [len(ids) for ids in counted["input_ids"]]
+    assert max(tokens) == limit
+
+
+def test_with_frozen_forward_off_sentence_transformers_encodes():
+    config = EmbedderConfig(torch_threads=1, frozen_forward=False)
+    plain = Embedder.func_or_class(config)
+    assert plain._frozen is None
+    assert asyncio.run(plain.stats())["frozen_forward"] is False
+    texts = varied_texts(5)
+    vectors, _ = plain._encode(texts, None)
+    reference = plain._model.encode(texts, normalize_embeddings=True)
+    np.testing.assert_allclose(vectors, reference, atol=1e-6)
+
+
+def test_a_pipeline_the_frozen_forward_cannot_reproduce_is_declined(embedder):
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.models import Pooling
+
+    transformer = embedder._model[0]
+    cls_pooled = SentenceTransformer(
+        modules=[transformer, Pooling(transformer.get_embedding_dimension(), "cls")]
+    )
+    frozen, why_not = FrozenEncoder.of(cls_pooled, 64)
+    assert frozen is None and "pooling" in why_not
