@@ -12,7 +12,8 @@ Only the pipeline whose result this reproduces exactly is frozen: a text Transfo
 `last_hidden_state`, mean pooling over the attention mask, and an optional Normalize
 (vectors are normalised either way). `FrozenEncoder.of` says why it declines anything else,
 and the caller keeps `encode`. torch marks `torch.jit` deprecated in favour of
-`torch.compile`, which needs a C++ toolchain and tens of seconds to compile on these cores.
+`torch.compile`; measured here, its compile took 41 s at start-up and 12 s more for the next
+new shapes, for one text at 12.4 ms against the frozen graph's 11.6.
 """
 
 from __future__ import annotations
