@@ -28,7 +28,7 @@ from deployments.replica import identity, max_ongoing_requests
 from mneme.batching import BatchGate
 from mneme.config import EmbedderConfig, parse_batch_config
 from mneme.frozen_encoder import FrozenEncoder
-from mneme.records import BatchStats, Embeddings
+from mneme.records import BatchStats, Embeddings, in_callers_order
 
 ENCODE_BATCH_SIZE = 64  # texts per forward pass inside one served batch
 # A call that finds the replica idle for a while and carries at most this many texts is
@@ -72,21 +72,23 @@ class Embedder:
             config.resolved_model_path(), device=config.device, local_files_only=True
         )
         self.dim = int(self._model.get_embedding_dimension())
-        # Two shards of a split batch encode at once and share the model's tokenizer, whose
-        # padding and truncation are settings on the tokenizer itself: transformers changes
-        # them only when a call asks for others. So every call on it must ask for the same
-        # (one encode now fixes them before anything runs concurrently), and token counts
-        # come from a private copy: counting on the shared one switched padding off between
-        # another shard's setting and its use ("Unable to create tensor", a 500 on an add).
-        self._model.encode(["warm-up"], show_progress_bar=False)
-        self._counting_tokenizer = copy.deepcopy(self._model.tokenizer)
         self._frozen: FrozenEncoder | None = None
         if config.frozen_forward and config.device == "cpu":
             self._frozen, why_not = FrozenEncoder.of(self._model, ENCODE_BATCH_SIZE)
             if why_not:
                 logger.warning("embedder.frozen_forward: encoding with sentence-transformers "
                                "instead, the model cannot be frozen: %s", why_not)  # fmt: skip
-        self._counting = threading.Lock()
+        if self._frozen is None:
+            # Two shards of a split batch encode at once and share the model's tokenizer,
+            # whose padding and truncation are settings on the tokenizer itself: transformers
+            # changes them only when a call asks for others. So every call on it must ask for
+            # the same (one encode now fixes them before anything runs concurrently), and
+            # token counts come from a private copy: counting on the shared one switched
+            # padding off between another shard's setting and its use ("Unable to create
+            # tensor", a 500 on an add). The frozen forward tokenizes once, the same way.
+            self._model.encode(["warm-up"], show_progress_bar=False)
+            self._counting_tokenizer = copy.deepcopy(self._model.tokenizer)
+            self._counting = threading.Lock()
         self._stats = BatchStats()
         # One encode at a time: a call run at once and a batch from `@serve.batch` (several
         # Router replicas, each with a merged call in flight) would otherwise share the cores,
@@ -141,12 +143,7 @@ class Embedder:
         parts = await asyncio.gather(
             *(asyncio.to_thread(self._encode, [texts[i] for i in s], 1) for s in shards)
         )
-        vectors = np.empty((len(texts), self.dim), dtype=np.float32)
-        tokens = np.empty(len(texts), dtype=np.int64)
-        for shard, (shard_vectors, shard_tokens) in zip(shards, parts, strict=True):
-            vectors[shard] = shard_vectors
-            tokens[shard] = shard_tokens
-        return vectors, tokens.tolist()
+        return in_callers_order(len(texts), self.dim, zip(shards, parts, strict=True))
 
     def _encode(self, texts: list[str], threads: int | None) -> tuple[np.ndarray, list[int]]:
         if threads is not None:

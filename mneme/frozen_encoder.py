@@ -23,6 +23,8 @@ import warnings
 import numpy as np
 import torch
 
+from mneme.records import in_callers_order
+
 TEXT_FORWARD = {"text": {"method": "forward", "method_output_name": "last_hidden_state"}}
 # Shapes run once at start-up: TorchScript's profiling executor optimises a graph on its
 # first runs, which would otherwise fall on the first requests.
@@ -102,15 +104,10 @@ class FrozenEncoder:
             return self._encode_padded(texts)
         # like `encode`: texts sorted by length share a forward pass, so little is padding
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        vectors = np.empty((len(texts), self._dim), dtype=np.float32)
-        counts = [0] * len(texts)
-        for start in range(0, len(texts), self._batch_size):
-            rows = order[start : start + self._batch_size]
-            part, part_counts = self._encode_padded([texts[i] for i in rows])
-            vectors[rows] = part
-            for i, count in zip(rows, part_counts, strict=True):
-                counts[i] = count
-        return vectors, counts
+        passes = [order[start : start + self._batch_size]
+                  for start in range(0, len(texts), self._batch_size)]  # fmt: skip
+        parts = ((rows, self._encode_padded([texts[i] for i in rows])) for rows in passes)
+        return in_callers_order(len(texts), self._dim, parts)
 
     def _encode_padded(self, texts: list[str]) -> tuple[np.ndarray, list[int]]:
         encoded = self._tokenize(texts)

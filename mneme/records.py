@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -22,6 +24,19 @@ class Embeddings:
             out.append(Embeddings(self.vectors[start:end], self.token_counts[start:end]))
             start = end
         return out
+
+
+def in_callers_order(
+    n: int, dim: int, parts: Iterable[tuple[Sequence[int], tuple[np.ndarray, list[int]]]]
+) -> tuple[np.ndarray, list[int]]:
+    """(vectors, token counts) of `n` texts encoded in parts out of order: each part is
+    (its texts' positions among the `n`, (their vectors, their token counts))."""
+    vectors = np.empty((n, dim), dtype=np.float32)
+    counts = np.empty(n, dtype=np.int64)
+    for rows, (part_vectors, part_counts) in parts:
+        vectors[rows] = part_vectors
+        counts[rows] = part_counts
+    return vectors, counts.tolist()
 
 
 @dataclass(frozen=True)
