@@ -5,7 +5,8 @@
 One process run measures, in order (a progress bar shows where it is):
 1. the offline ceiling: sentence-transformers `encode` of unique texts in batches of 64, and
    the encode time of one text, in this process before Ray starts; the same with the
-   Embedder's frozen forward (`mneme.frozen_encoder`);
+   Embedder's ONNX forward (`mneme.onnx_encoder`: batches on 2 threads, one text on 1, as
+   the Embedder runs them);
 2. each graph from its shipped YAML (`configs/naive.yaml`, then `configs/local.yaml`), served
    with Serve's no-op ingress beside it, the load sent by `benchmarks.workload` from a second
    process: lone-request embed latency (and, on the compute-aware graph, the same with a
@@ -155,19 +156,19 @@ class StatsSampler:
 
 def offline_ceiling(texts: list[str], lone: int = 30) -> dict[str, float]:
     """sentence-transformers in this process: batched texts/s and one text's encode time, with
-    `encode` (the ceiling the targets name) and with the Embedder's frozen forward."""
+    `encode` (the ceiling the targets name) and with the Embedder's ONNX forward."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from sentence_transformers import SentenceTransformer
 
     from mneme.config import EmbedderConfig
-    from mneme.frozen_encoder import FrozenEncoder
+    from mneme.onnx_encoder import OnnxEncoder
 
     model = SentenceTransformer(EmbedderConfig().resolved_model_path(), device="cpu")
-    frozen = FrozenEncoder(model, batch_size=64)
-    encoders = {"": lambda batch: model.encode(batch, batch_size=64, normalize_embeddings=True),
-                "frozen_": frozen.encode}  # fmt: skip
+    onnx = OnnxEncoder(model, batch_size=64, threads_options=(1, 2))
+    st = lambda batch: model.encode(batch, batch_size=64, normalize_embeddings=True)  # noqa: E731
+    encoders = {"": (st, st), "onnx_": (lambda batch: onnx.encode(batch, 2), onnx.encode)}
     out = {}
-    for prefix, encode in encoders.items():
+    for prefix, (encode, encode_one) in encoders.items():
         encode(texts[:64])  # warm up
         start = time.perf_counter()
         encode(texts)
@@ -175,7 +176,7 @@ def offline_ceiling(texts: list[str], lone: int = 30) -> dict[str, float]:
         singles = []
         for text in texts[:lone]:
             t = time.perf_counter()
-            encode([text])
+            encode_one([text])
             singles.append(time.perf_counter() - t)
         out[f"{prefix}lone_encode_ms"] = float(np.median(singles)) * 1000
     return out
@@ -420,11 +421,11 @@ def ratios(results: dict[str, Any]) -> dict[str, float]:
         "lone_embed_p50_ms_fixed": aware["lone_embed_fixed_window"]["p50_ms"],
         "lone_encode_ms": results["offline"]["lone_encode_ms"],
     }
-    if "frozen_lone_encode_ms" in results["offline"]:  # results from before the frozen forward
-        frozen = results["offline"]
-        out["lone_encode_ms_frozen"] = frozen["frozen_lone_encode_ms"]
-        out["embed_32_texts_vs_frozen_ceiling"] = (
-            aware["embed_32_texts"]["texts_per_s"] / frozen["frozen_batched_texts_per_s"]
+    if "onnx_lone_encode_ms" in results["offline"]:  # results from before the ONNX forward
+        offline = results["offline"]
+        out["lone_encode_ms_onnx"] = offline["onnx_lone_encode_ms"]
+        out["embed_32_texts_vs_onnx_ceiling"] = (
+            aware["embed_32_texts"]["texts_per_s"] / offline["onnx_batched_texts_per_s"]
         )
     out["embedder_useful_share_ratio"] = (
         out["embedder_useful_share_aware"] / out["embedder_useful_share_naive"]

@@ -1,7 +1,7 @@
 """Embedder layouts side by side in one run: one replica with 2 torch threads that splits big
 batches into a shard per thread (the shipped default), the same replica encoding every batch
 as one 2-thread encode, the shipped replica with sentence-transformers' `encode` instead of
-its frozen forward (`embedder.frozen_forward: false`), and two replicas with 1 thread each,
+its ONNX forward (`embedder.onnx_forward: false`), and two replicas with 1 thread each,
 on the embedding-only loads of the comparison benchmark.
 
     python -m benchmarks.embedder_layout [--seconds 12] [--rounds 2] [--direct-ingress]
@@ -26,8 +26,8 @@ from benchmarks.serving import served_graph
 LAYOUTS = {  # (Mneme args, deployment options) over the shipped defaults
     "1 replica x 2 threads, split": ({}, {}),
     "1 replica x 2 threads, whole": ({"embedder": {"split_min_texts": None}}, {}),
-    "1 replica x 2 threads, split, no frozen forward": (
-        {"embedder": {"frozen_forward": False}},
+    "1 replica x 2 threads, split, sentence-transformers encode": (
+        {"embedder": {"onnx_forward": False}},
         {},
     ),
     "2 replicas x 1 thread": (

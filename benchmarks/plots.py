@@ -183,8 +183,8 @@ def headline_table(results: dict[str, Any]) -> str:
             f"{r['lone_embed_p50_ms_adaptive']:.1f} / {r['lone_embed_p50_ms_fixed']:.1f} ms",
             f"encoding one text alone: {r['lone_encode_ms']:.1f} ms"
             + (
-                f" (frozen forward {r['lone_encode_ms_frozen']:.1f})"
-                if "lone_encode_ms_frozen" in r
+                f" (ONNX forward {r['lone_encode_ms_onnx']:.1f})"
+                if "lone_encode_ms_onnx" in r
                 else ""
             ),
             "",

@@ -27,22 +27,24 @@ from ray import serve  # noqa: E402
 from deployments.replica import identity, max_ongoing_requests
 from mneme.batching import BatchGate
 from mneme.config import EmbedderConfig, parse_batch_config
-from mneme.frozen_encoder import FrozenEncoder
+from mneme.onnx_encoder import OnnxEncoder
 from mneme.records import BatchStats, Embeddings, in_callers_order
 
 ENCODE_BATCH_SIZE = 64  # texts per forward pass inside one served batch
 # A call that finds the replica idle for a while and carries at most this many texts is
-# encoded on one torch thread: waking a sleeping second core costs more than it saves on so
-# little work. Measured here, 1 text (10 words), 2 threads vs 1: 13.9 vs 16.1 ms when the last
-# encode ended 8-12 ms before, 19-21 vs 16-17 ms after 20-30 ms (and after 50 ms: 4 texts
-# 30.0 vs 25.5, 8 texts 38 vs 43). Busy replicas and bigger calls use every configured thread.
+# encoded on one thread: after a pause, waking a sleeping second core costs what it saves on
+# so little work. Measured here with the ONNX forward, 2 threads vs 1: one text 3.9 vs 5.4 ms
+# back to back, 5.7 vs 5.7 after a 15 ms pause, 7.1 vs 7.0 after 30 ms; 4 texts 9.8 vs 13.8
+# back to back, 14.5 vs 14.9 after 15 ms (sentence-transformers' encode: one text 19-21 vs
+# 16-17 ms after 20-30 ms). Busy replicas and bigger calls use every configured thread.
 IDLE_ONE_THREAD_MAX_TEXTS = 4
 IDLE_ONE_THREAD_AFTER_S = 0.015
 # Bigger batches on CPU are cut into one shard per thread, each encoded on one thread, side by
-# side (`EmbedderConfig.split_min_texts`). One encode over 2 OpenMP threads meets a barrier at
-# every op, so a thread that the proxy or the Router preempts holds up both. Measured in one
-# process, texts/s split vs whole: 1.16x at 64 texts, 1.08x at 32, 1.05x at 8, 0.97x at 4; with
-# a process beside it busy 25 % of the time, 1.24x at 64 and 1.17x at 32.
+# side (`EmbedderConfig.split_min_texts`). One encode over 2 threads meets a barrier at every
+# op, so a thread that the proxy or the Router preempts holds up both. Measured in one process
+# with the ONNX forward, texts/s split vs one session on 2 threads: 1.10x at 32 texts, 1.05x
+# at 16, 0.82x at 8 (sentence-transformers' encode: 1.16x at 64, 1.08x at 32, 1.05x at 8; with
+# a process beside it busy 25 % of the time, 1.24x at 64 and 1.17x at 32).
 
 logger = logging.getLogger("ray.serve")
 
@@ -72,20 +74,21 @@ class Embedder:
             config.resolved_model_path(), device=config.device, local_files_only=True
         )
         self.dim = int(self._model.get_embedding_dimension())
-        self._frozen: FrozenEncoder | None = None
-        if config.frozen_forward and config.device == "cpu":
-            self._frozen, why_not = FrozenEncoder.of(self._model, ENCODE_BATCH_SIZE)
+        self._onnx: OnnxEncoder | None = None
+        if config.onnx_forward and config.device == "cpu":
+            threads = (1, self._threads or 1)
+            self._onnx, why_not = OnnxEncoder.of(self._model, ENCODE_BATCH_SIZE, threads)
             if why_not:
-                logger.warning("embedder.frozen_forward: encoding with sentence-transformers "
-                               "instead, the model cannot be frozen: %s", why_not)  # fmt: skip
-        if self._frozen is None:
+                logger.warning("embedder.onnx_forward: encoding with sentence-transformers "
+                               "instead, the model cannot be exported: %s", why_not)  # fmt: skip
+        if self._onnx is None:
             # Two shards of a split batch encode at once and share the model's tokenizer,
             # whose padding and truncation are settings on the tokenizer itself: transformers
             # changes them only when a call asks for others. So every call on it must ask for
             # the same (one encode now fixes them before anything runs concurrently), and
             # token counts come from a private copy: counting on the shared one switched
             # padding off between another shard's setting and its use ("Unable to create
-            # tensor", a 500 on an add). The frozen forward tokenizes once, the same way.
+            # tensor", a 500 on an add). The ONNX forward tokenizes once, the same way.
             self._model.encode(["warm-up"], show_progress_bar=False)
             self._counting_tokenizer = copy.deepcopy(self._model.tokenizer)
             self._counting = threading.Lock()
@@ -146,10 +149,10 @@ class Embedder:
         return in_callers_order(len(texts), self.dim, zip(shards, parts, strict=True))
 
     def _encode(self, texts: list[str], threads: int | None) -> tuple[np.ndarray, list[int]]:
+        if self._onnx is not None:
+            return self._onnx.encode(texts, threads or 1)
         if threads is not None:
             torch.set_num_threads(threads)  # this thread's OpenMP team for the encode below
-        if self._frozen is not None:
-            return self._frozen.encode(texts)
         limit = self._model.max_seq_length
         with self._counting:
             encoded = self._counting_tokenizer(texts, truncation=True, max_length=limit)
@@ -171,7 +174,7 @@ class Embedder:
             "encoded_on_one_thread": self._one_thread_calls,
             "encodes_split": self._split_calls,
             "encodes_waited": self._waited,
-            "frozen_forward": self._frozen is not None,
+            "onnx_forward": self._onnx is not None,
             "max_ongoing_requests": max_ongoing_requests(),
             **identity(),
         }

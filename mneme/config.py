@@ -70,21 +70,22 @@ class EmbedderConfig(StrictModel):
     torch_threads: int | None = Field(
         None,
         ge=1,
-        description="torch intra-op threads on CPU; null = every core of the node (Ray would "
-        "otherwise pin a replica with num_cpus < 2 to one thread: half the batched speed here).",
+        description="intra-op threads on CPU (torch, ONNX Runtime); null = every core of the "
+        "node (Ray would otherwise pin a replica with num_cpus < 2 to one thread: half the "
+        "batched speed here).",
     )
     split_min_texts: int | None = Field(
-        8,
+        16,
         ge=2,
-        description="On CPU with several torch threads, a batch of at least this many texts is "
-        "cut into one shard per thread, encoded side by side on one thread each (no OpenMP "
-        "barrier for a preempted thread to hold up); null: one encode over every thread.",
+        description="On CPU with several threads, a batch of at least this many texts is "
+        "cut into one shard per thread, encoded side by side on one thread each (no barrier "
+        "for a preempted thread to hold up); null: one encode over every thread.",
     )
-    frozen_forward: bool = Field(
+    onnx_forward: bool = Field(
         True,
-        description="On CPU, run the model's forward as one frozen TorchScript graph "
-        "(mneme/frozen_encoder.py): the same vectors, a short text in 30 % less time; false, "
-        "or a pipeline it cannot reproduce (logged): sentence-transformers' encode.",
+        description="On CPU, run the model's forward exported to ONNX, by ONNX Runtime "
+        "(mneme/onnx_encoder.py): the same vectors, a short text in about half the time; "
+        "false, or a pipeline it cannot reproduce (logged): sentence-transformers' encode.",
     )
     batch: BatchConfig = Field(default_factory=BatchConfig)
 

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from deployments.embedder import IDLE_ONE_THREAD_AFTER_S, IDLE_ONE_THREAD_MAX_TEXTS, Embedder
+from mneme import onnx_encoder
 from mneme.config import EmbedderConfig
-from mneme.frozen_encoder import FrozenEncoder
+from mneme.onnx_encoder import OnnxEncoder
 
 SETTERS = ("enable_padding", "no_padding", "enable_truncation", "no_truncation")
 
@@ -56,7 +57,7 @@ def test_encoding_never_changes_the_shared_tokenizers_settings(embedder):
 
 
 def test_split_shards_come_back_in_the_callers_order(embedder):
-    texts = [f"{'long ' * ((5 * i) % 11)}text number {i}" for i in range(9)]
+    texts = [f"{'long ' * ((5 * i) % 11)}text number {i}" for i in range(17)]
     split, _ = asyncio.run(embedder._encode_split(texts, 2))
     whole, _ = embedder._encode(texts, 2)
     np.testing.assert_allclose(split, whole, atol=1e-5)
@@ -97,12 +98,13 @@ def varied_texts(n: int) -> list[str]:
     return [" ".join(rng.choice(words, int(rng.integers(1, 300)))) for _ in range(n)]
 
 
-def test_the_frozen_forward_gives_sentence_transformers_vectors_and_token_counts(embedder):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_onnx_forward_gives_sentence_transformers_vectors_and_token_counts(embedder, threads):
     """More texts than one forward pass takes (sorted by length into passes, put back in the
-    callers' order), padding, truncation."""
-    assert embedder._frozen is not None
+    callers' order), padding, truncation; on each thread count's session."""
+    assert embedder._onnx is not None
     texts = varied_texts(150)
-    vectors, tokens = embedder._encode(texts, 2)
+    vectors, tokens = embedder._encode(texts, threads)
     reference = embedder._model.encode(texts, normalize_embeddings=True)
     np.testing.assert_allclose(vectors, reference, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
@@ -112,18 +114,18 @@ def test_the_frozen_forward_gives_sentence_transformers_vectors_and_token_counts
     assert max(tokens) == limit
 
 
-def test_with_frozen_forward_off_sentence_transformers_encodes():
-    config = EmbedderConfig(torch_threads=1, frozen_forward=False)
+def test_with_the_onnx_forward_off_sentence_transformers_encodes():
+    config = EmbedderConfig(torch_threads=1, onnx_forward=False)
     plain = Embedder.func_or_class(config)
-    assert plain._frozen is None
-    assert asyncio.run(plain.stats())["frozen_forward"] is False
+    assert plain._onnx is None
+    assert asyncio.run(plain.stats())["onnx_forward"] is False
     texts = varied_texts(5)
     vectors, _ = plain._encode(texts, None)
     reference = plain._model.encode(texts, normalize_embeddings=True)
     np.testing.assert_allclose(vectors, reference, atol=1e-6)
 
 
-def test_a_pipeline_the_frozen_forward_cannot_reproduce_is_declined(embedder):
+def test_a_pipeline_the_onnx_forward_cannot_reproduce_is_declined(embedder):
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.models import Pooling
 
@@ -131,5 +133,15 @@ def test_a_pipeline_the_frozen_forward_cannot_reproduce_is_declined(embedder):
     cls_pooled = SentenceTransformer(
         modules=[transformer, Pooling(transformer.get_embedding_dimension(), "cls")]
     )
-    frozen, why_not = FrozenEncoder.of(cls_pooled, 64)
-    assert frozen is None and "pooling" in why_not
+    encoder, why_not = OnnxEncoder.of(cls_pooled, 64)
+    assert encoder is None and "pooling" in why_not
+
+
+def test_an_export_whose_vectors_stray_from_encodes_is_declined(embedder, monkeypatch):
+    """The exported graph is checked against `encode` at start-up; with no tolerance at all
+    the float32 reorderings of the export count as straying (they are about 1e-7)."""
+    encoder, why_not = OnnxEncoder.of(embedder._model, 64)
+    assert encoder is not None and 0 < encoder.deviation <= onnx_encoder.MAX_START_UP_DEVIATION
+    monkeypatch.setattr(onnx_encoder, "MAX_START_UP_DEVIATION", 0.0)
+    encoder, why_not = OnnxEncoder.of(embedder._model, 64)
+    assert encoder is None and "differ from encode" in why_not

@@ -1,0 +1,164 @@
+"""A sentence-transformers encoder's forward pass exported to ONNX and run by ONNX Runtime.
+
+For a short text on CPU the work around the math costs more than the math: transformers
+builds BERT's attention mask and walks some 100 modules, sentence-transformers sorts, collates
+and pools around them, and PyTorch dispatches every op. Exported once at start-up (in memory,
+weights included) and run by ONNX Runtime, whose kernels fuse the small ops, the same forward
+runs in about half the time. Measured here, one 10-word text on one thread, p50 of 80
+interleaved calls: `SentenceTransformer.encode` 14.3 ms, the forward frozen by TorchScript
+10.4 ms, ONNX Runtime 5.2 ms; 64 texts on 2 threads, 464 vs 658 texts/s. Vectors match
+`encode` to 2e-7. (TorchScript, used before, is dropped; `torch.compile` took 41 s to
+compile at start-up for 12.4 ms per text.)
+
+Only the pipeline whose result this reproduces exactly is exported: a text Transformer's
+`last_hidden_state`, mean pooling over the attention mask, and an optional Normalize
+(vectors are normalised either way). `OnnxEncoder.of` says why it declines anything else,
+including an export whose vectors stray from `encode`'s, and the caller keeps `encode`.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import torch
+
+from mneme.records import in_callers_order
+
+TEXT_FORWARD = {"text": {"method": "forward", "method_output_name": "last_hidden_state"}}
+WARM_UP_TEXTS = (["warm-up"], ["warm-up", "a second, longer warm-up text"], ["warm-up"] * 8)
+OPSET = 17
+# The exported graph is checked against `encode` at start-up; float32 reorderings stay far
+# below this, a wrong export (mask, pooling) far above.
+MAX_START_UP_DEVIATION = 1e-4
+
+
+class _MeanPooled(torch.nn.Module):
+    """The model's token embeddings, averaged over the attention mask and L2-normalised."""
+
+    def __init__(self, model: torch.nn.Module, input_names: list[str]):
+        super().__init__()
+        self.model = model
+        self.input_names = input_names
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        features = dict(zip(self.input_names, inputs, strict=True))
+        tokens = self.model(**features, return_dict=True).last_hidden_state
+        mask = features["attention_mask"].unsqueeze(-1).to(tokens.dtype)
+        mean = (tokens * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        return torch.nn.functional.normalize(mean, p=2.0, dim=1)
+
+
+def unsupported(model) -> str | None:
+    """Why `model` (a SentenceTransformer) cannot be exported here; None when it can."""
+    names = [type(module).__name__ for module in model]
+    if names not in (["Transformer", "Pooling"], ["Transformer", "Pooling", "Normalize"]):
+        return f"modules {names}, not Transformer, Pooling[, Normalize]"
+    if getattr(model[0], "modality_config", TEXT_FORWARD) != TEXT_FORWARD:
+        return f"transformer outputs {model[0].modality_config}, not a text last_hidden_state"
+    pooling = model[1].get_config_dict()
+    if pooling.get("pooling_mode") != "mean" or not pooling.get("include_prompt", True):
+        return f"pooling {pooling}, not a mean over every token"
+    if model.device.type != "cpu":
+        return f"device {model.device}, not cpu"
+    return None
+
+
+def _session(graph: bytes, threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Idle pool threads sleep instead of spinning: spinning ones took CPU from the proxy and
+    # the Router on a shared node (the same reason as OMP_WAIT_POLICY=PASSIVE for torch).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3  # errors only
+    return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+
+
+class OnnxEncoder:
+    """`encode(texts, threads)` -> (L2-normalised float32 vectors, token counts), as
+    `SentenceTransformer.encode(texts, normalize_embeddings=True)` computes them.
+
+    One ONNX Runtime session per thread count asked for (`threads_options`), sharing nothing
+    but the exported graph; `run` is safe from several threads at once. The tokenizer is the
+    model's own, called with the same settings on every call (padding to the longest,
+    truncation to `max_seq_length`), so concurrent calls never change its settings under
+    one another."""
+
+    def __init__(self, model, batch_size: int, threads_options: tuple[int, ...] = (1,)):
+        self._tokenizer = model.tokenizer
+        self._max_length = int(model.max_seq_length)
+        self._batch_size = batch_size
+        self._dim = int(model.get_embedding_dimension())
+        example = self._tokenize(WARM_UP_TEXTS[1])
+        self._input_names = [name for name in ("input_ids", "attention_mask", "token_type_ids")
+                             if name in example]  # fmt: skip
+        graph = self._export(model, example)
+        self._sessions = {n: _session(graph, n) for n in sorted({1, *threads_options})}
+        for threads in self._sessions:
+            for texts in WARM_UP_TEXTS:
+                self.encode(list(texts), threads)
+        self.deviation = self._deviation_from(model)
+
+    def _export(self, model, example: dict[str, np.ndarray]) -> bytes:
+        pooled = _MeanPooled(model[0].auto_model, self._input_names).eval()
+        axes = {name: {0: "texts", 1: "tokens"} for name in self._input_names}
+        out = io.BytesIO()
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tracer's notes on Python control flow
+            torch.onnx.export(
+                pooled,
+                tuple(torch.from_numpy(example[name]) for name in self._input_names),
+                out,
+                input_names=self._input_names,
+                output_names=["embedding"],
+                dynamic_axes=axes | {"embedding": {0: "texts"}},
+                opset_version=OPSET,
+                dynamo=False,  # the TorchScript exporter: dynamic shapes without onnxscript
+            )
+        return out.getvalue()
+
+    def _deviation_from(self, model) -> float:
+        texts = [text for group in WARM_UP_TEXTS for text in group]
+        reference = model.encode(texts, normalize_embeddings=True, show_progress_bar=False)
+        return float(np.abs(self.encode(texts)[0] - reference).max())
+
+    @classmethod
+    def of(
+        cls, model, batch_size: int, threads_options: tuple[int, ...] = (1,)
+    ) -> tuple[OnnxEncoder | None, str | None]:
+        """(the encoder, None), or (None, why not) for a pipeline it cannot reproduce."""
+        reason = unsupported(model)
+        if reason:
+            return None, reason
+        encoder = cls(model, batch_size, threads_options)
+        if encoder.deviation > MAX_START_UP_DEVIATION:
+            return None, f"exported vectors differ from encode's by {encoder.deviation:.2g}"
+        return encoder, None
+
+    def _tokenize(self, texts: list[str]) -> dict[str, np.ndarray]:
+        return self._tokenizer(texts, padding=True, truncation=True,
+                               max_length=self._max_length, return_tensors="np")  # fmt: skip
+
+    def encode(self, texts: list[str], threads: int = 1) -> tuple[np.ndarray, list[int]]:
+        """`threads`: one of `threads_options` (the nearest smaller one otherwise)."""
+        session = self._sessions[max(n for n in self._sessions if n <= max(threads, 1))]
+        if len(texts) <= self._batch_size:
+            return self._encode_padded(session, texts)
+        # like `encode`: texts sorted by length share a forward pass, so little is padding
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        passes = [order[start : start + self._batch_size]
+                  for start in range(0, len(texts), self._batch_size)]  # fmt: skip
+        parts = ((rows, self._encode_padded(session, [texts[i] for i in rows])) for rows in passes)
+        return in_callers_order(len(texts), self._dim, parts)
+
+    def _encode_padded(self, session, texts: list[str]) -> tuple[np.ndarray, list[int]]:
+        encoded = self._tokenize(texts)
+        feed = {name: encoded[name].astype(np.int64, copy=False) for name in self._input_names}
+        [vectors] = session.run(None, feed)
+        counts = encoded["attention_mask"].sum(axis=1).tolist()
+        return np.ascontiguousarray(vectors, dtype=np.float32), counts
