@@ -11,9 +11,10 @@ interleaved calls: `SentenceTransformer.encode` 14.3 ms, the forward frozen by T
 compile at start-up for 12.4 ms per text.)
 
 Only the pipeline whose result this reproduces exactly is exported: a text Transformer's
-`last_hidden_state`, mean pooling over the attention mask, and an optional Normalize
-(vectors are normalised either way). `OnnxEncoder.of` says why it declines anything else,
-including an export whose vectors stray from `encode`'s, and the caller keeps `encode`.
+`last_hidden_state`, mean pooling over the attention mask or the first ([CLS]) token, and an
+optional Normalize (vectors are normalised either way). `OnnxEncoder.of` says why it
+declines anything else, including an export whose vectors stray from `encode`'s, and the
+caller keeps `encode`.
 """
 
 from __future__ import annotations
@@ -34,20 +35,28 @@ OPSET = 17
 MAX_START_UP_DEVIATION = 1e-4
 
 
-class _MeanPooled(torch.nn.Module):
-    """The model's token embeddings, averaged over the attention mask and L2-normalised."""
+POOLING_MODES = ("mean", "cls")
 
-    def __init__(self, model: torch.nn.Module, input_names: list[str]):
+
+class _Pooled(torch.nn.Module):
+    """The model's token embeddings pooled (`mean` over the attention mask, or the first
+    token's for `cls`) and L2-normalised."""
+
+    def __init__(self, model: torch.nn.Module, input_names: list[str], mode: str):
         super().__init__()
         self.model = model
         self.input_names = input_names
+        self.mode = mode
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         features = dict(zip(self.input_names, inputs, strict=True))
         tokens = self.model(**features, return_dict=True).last_hidden_state
-        mask = features["attention_mask"].unsqueeze(-1).to(tokens.dtype)
-        mean = (tokens * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-        return torch.nn.functional.normalize(mean, p=2.0, dim=1)
+        if self.mode == "cls":
+            pooled = tokens[:, 0]
+        else:
+            mask = features["attention_mask"].unsqueeze(-1).to(tokens.dtype)
+            pooled = (tokens * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        return torch.nn.functional.normalize(pooled, p=2.0, dim=1)
 
 
 def unsupported(model) -> str | None:
@@ -58,8 +67,8 @@ def unsupported(model) -> str | None:
     if getattr(model[0], "modality_config", TEXT_FORWARD) != TEXT_FORWARD:
         return f"transformer outputs {model[0].modality_config}, not a text last_hidden_state"
     pooling = model[1].get_config_dict()
-    if pooling.get("pooling_mode") != "mean" or not pooling.get("include_prompt", True):
-        return f"pooling {pooling}, not a mean over every token"
+    if pooling.get("pooling_mode") not in POOLING_MODES or not pooling.get("include_prompt", True):
+        return f"pooling {pooling}, not a mean over every token or the first token"
     if model.device.type != "cpu":
         return f"device {model.device}, not cpu"
     return None
@@ -97,6 +106,7 @@ class OnnxEncoder:
         example = self._tokenize(WARM_UP_TEXTS[1])
         self._input_names = [name for name in ("input_ids", "attention_mask", "token_type_ids")
                              if name in example]  # fmt: skip
+        self._pooling = model[1].get_config_dict()["pooling_mode"]
         graph = self._export(model, example)
         self._sessions = {n: _session(graph, n) for n in sorted({1, *threads_options})}
         for threads in self._sessions:
@@ -105,7 +115,7 @@ class OnnxEncoder:
         self.deviation = self._deviation_from(model)
 
     def _export(self, model, example: dict[str, np.ndarray]) -> bytes:
-        pooled = _MeanPooled(model[0].auto_model, self._input_names).eval()
+        pooled = _Pooled(model[0].auto_model, self._input_names, self._pooling).eval()
         axes = {name: {0: "texts", 1: "tokens"} for name in self._input_names}
         out = io.BytesIO()
         with torch.no_grad(), warnings.catch_warnings():

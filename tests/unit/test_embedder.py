@@ -125,15 +125,34 @@ def test_with_the_onnx_forward_off_sentence_transformers_encodes():
     np.testing.assert_allclose(vectors, reference, atol=1e-6)
 
 
-def test_a_pipeline_the_onnx_forward_cannot_reproduce_is_declined(embedder):
+def pooled_by(embedder, mode: str):
+    """The Embedder's MiniLM transformer with another pooling (a real pipeline of its own)."""
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.models import Pooling
 
     transformer = embedder._model[0]
-    cls_pooled = SentenceTransformer(
-        modules=[transformer, Pooling(transformer.get_embedding_dimension(), "cls")]
+    return SentenceTransformer(
+        modules=[transformer, Pooling(transformer.get_embedding_dimension(), mode)]
     )
+
+
+def test_a_cls_pooled_pipeline_is_exported_with_its_own_vectors(embedder):
+    """[CLS] pooling (bge models and others) is exported too, and gives `encode`'s vectors,
+    not the mean-pooled ones."""
+    cls_pooled = pooled_by(embedder, "cls")
     encoder, why_not = OnnxEncoder.of(cls_pooled, 64)
+    assert encoder is not None, why_not
+    texts = varied_texts(20)
+    vectors, _ = encoder.encode(texts)
+    np.testing.assert_allclose(
+        vectors, cls_pooled.encode(texts, normalize_embeddings=True), atol=1e-5
+    )
+    mean_pooled = embedder._model.encode(texts, normalize_embeddings=True)
+    assert np.abs(vectors - mean_pooled).max() > 0.1
+
+
+def test_a_pipeline_the_onnx_forward_cannot_reproduce_is_declined(embedder):
+    encoder, why_not = OnnxEncoder.of(pooled_by(embedder, "max"), 64)
     assert encoder is None and "pooling" in why_not
 
 
