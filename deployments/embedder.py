@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from ray import serve  # noqa: E402
 
-from deployments.replica import identity, max_ongoing_requests
+from deployments.replica import DOWNSTREAM_LOGGING, identity, max_ongoing_requests
 from mneme.batching import BatchGate
 from mneme.config import EmbedderConfig, parse_batch_config
 from mneme.onnx_encoder import OnnxEncoder
@@ -53,6 +53,7 @@ logger = logging.getLogger("ray.serve")
     max_ongoing_requests=64,  # must exceed max_batch_size or Serve caps the batch (DESIGN.md)
     ray_actor_options={"num_cpus": 0.5},
     health_check_period_s=10,
+    logging_config=DOWNSTREAM_LOGGING,
 )
 class Embedder:
     """Encodes lists of texts into L2-normalised float32 vectors, batching concurrent calls."""

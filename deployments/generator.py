@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 
 from ray import serve
 
-from deployments.replica import identity, max_ongoing_requests
+from deployments.replica import DOWNSTREAM_LOGGING, identity, max_ongoing_requests
 from mneme.config import GeneratorConfig
 from mneme.records import Generation, GenerationDelta, GenerationRequest
 from mneme.stats import Occupancy
@@ -22,6 +22,7 @@ from mneme.stats import Occupancy
     ray_actor_options={"num_cpus": 0.5},
     health_check_period_s=15,
     health_check_timeout_s=60,
+    logging_config=DOWNSTREAM_LOGGING,
 )
 class Generator:
     """Chat generation through vLLM's own chat-template rendering; streams deltas on request."""

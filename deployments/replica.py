@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from ray import serve
 
+# The Router calls these deployments on every request; Serve's access log would write a line
+# per call in each of them (and the Ray log monitor ship it): per HTTP request, 1-3 lines
+# more than the Router's own. Off by default; a YAML turns it on per deployment with
+# `logging_config: {enable_access_log: true}` (README "Operations").
+DOWNSTREAM_LOGGING = {"enable_access_log": False}
+
 
 def max_ongoing_requests() -> int | None:
     """This replica's `max_ongoing_requests` as deployed (YAML overrides included)."""

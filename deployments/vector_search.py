@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from ray import serve
 
-from deployments.replica import identity, max_ongoing_requests
+from deployments.replica import DOWNSTREAM_LOGGING, identity, max_ongoing_requests
 from mneme.config import BatchConfig, VectorSearchConfig, parse_batch_config
 from mneme.durable import DurableStore
 from mneme.index import MemoryStore
@@ -19,6 +19,7 @@ from mneme.records import BatchStats, MemoryPage, NewMemory, SearchHit, SearchQu
 @serve.deployment(
     max_ongoing_requests=128,
     ray_actor_options={"num_cpus": 0.25},
+    logging_config=DOWNSTREAM_LOGGING,
 )
 class VectorSearch:
     """Every namespace's index: a view of the memory log (`mneme/durable.py`) when

@@ -56,3 +56,36 @@ def test_a_full_downstream_is_503_with_retry_after_never_500(served):
         if status == 503:
             assert retry_after is not None and int(retry_after) >= 1
             assert body["error"]["code"] == "overloaded"
+
+
+def test_access_log_has_the_http_request_not_the_downstream_calls(http):
+    """Serve's access log: one line per HTTP request in the Router's log; the Embedder call it
+    makes is not logged (`DOWNSTREAM_LOGGING`), while the Embedder's own log still runs."""
+    import glob
+    import uuid
+
+    import ray
+
+    logs = ray._private.worker.global_worker.node.get_logs_dir_path()
+
+    def lines(deployment: str) -> list[str]:
+        out: list[str] = []
+        for path in glob.glob(f"{logs}/serve/replica_mneme_{deployment}_*.log"):
+            with open(path) as f:
+                out += f.readlines()
+        return out
+
+    embedder_before = len(lines("Embedder"))
+    marker = f"access log probe {uuid.uuid4()}"  # a new text: the Embedder is called
+    r = http.post("/v1/embeddings", json={"input": marker})
+    assert r.status_code == 200 and r.headers["x-cache"] == "miss"
+    request_id = r.headers["x-request-id"]
+    wait_until(
+        lambda: any(request_id in line and "POST /v1/embeddings 200" in line
+                    for line in lines("Router")),
+        timeout_s=10,
+        what="the Router's access log line for the request",
+    )  # fmt: skip
+    embedder_new = lines("Embedder")[embedder_before:]
+    assert not [line for line in embedder_new if " CALL " in line], embedder_new[-5:]
+    assert lines("Embedder"), "the Embedder writes its log file (start-up lines at least)"
