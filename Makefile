@@ -59,6 +59,7 @@ bench: install
 	$(BIN)/python -m benchmarks.priority
 	$(BIN)/python -m benchmarks.priority --variants priority no-preemption \
 	    --background-max-tokens 120 --name priority_long_background
+	$(BIN)/python -m benchmarks.hit_rates  # hit rates beside the best possible (~4 min)
 	$(BIN)/python -m benchmarks.compare    # naive vs compute-aware vs Infinity (~15 min)
 	$(BIN)/python -m benchmarks.compare --direct-ingress \
 	    --json benchmarks/results/compare_direct_ingress.json --plots benchmarks/results/direct_ingress

@@ -342,15 +342,9 @@ class Bench:
 
     def _best_possible(self, sent, warm_up, capacity: int) -> dict[str, Any]:
         spec = WorkloadSpec(**self.spec)
-
-        def replay(streams: list[tuple[int, int]]) -> list:
-            requests = []
-            for stream, count in streams:
-                trace = Trace(spec, stream)
-                requests += [next(trace) for _ in range(count)]
-            return requests
-
-        return best_hit_rates(replay(sent), capacity, warm_up=replay(warm_up))
+        return best_hit_rates(
+            Trace.replay(spec, sent), capacity, warm_up=Trace.replay(spec, warm_up)
+        )
 
     def measure_peer(self) -> dict[str, Any]:
         from benchmarks.peer import SERVED_MODEL, ensure_infinity_venv, infinity_server

@@ -155,6 +155,16 @@ class Trace:
         recent.append(q)
         return q
 
+    @classmethod
+    def replay(cls, spec: WorkloadSpec, streams: list[tuple[int, int]]) -> list[Request]:
+        """The requests a run sent: for each (stream, count), in order, that stream's first
+        `count` requests (what the best-possible hit rates are computed on)."""
+        requests: list[Request] = []
+        for stream, count in streams:
+            trace = cls(spec, stream)
+            requests += [next(trace) for _ in range(count)]
+        return requests
+
     def __iter__(self) -> Iterator[Request]:
         return self
 
