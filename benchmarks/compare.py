@@ -41,9 +41,9 @@ import psutil
 from tqdm import tqdm
 
 from benchmarks import plots
-from benchmarks.hit_bound import best_hit_rates
+from benchmarks.hit_bound import best_hit_rates_of_run
 from benchmarks.serving import ingress_url, served_app
-from benchmarks.workload import Trace, UniqueTexts, WorkloadSpec
+from benchmarks.workload import UniqueTexts, WorkloadSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -341,10 +341,7 @@ class Bench:
             handle.reconfigure.remote(None).result()
 
     def _best_possible(self, sent, warm_up, capacity: int) -> dict[str, Any]:
-        spec = WorkloadSpec(**self.spec)
-        return best_hit_rates(
-            Trace.replay(spec, sent), capacity, warm_up=Trace.replay(spec, warm_up)
-        )
+        return best_hit_rates_of_run(WorkloadSpec(**self.spec), sent, capacity, warm_up)
 
     def measure_peer(self) -> dict[str, Any]:
         from benchmarks.peer import SERVED_MODEL, ensure_infinity_venv, infinity_server

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 
-from benchmarks.workload import Request
+from benchmarks.workload import Request, Trace, WorkloadSpec
 from cache.belady import belady_hit_rate
 from cache.keys import normalise_text
 
@@ -85,3 +85,16 @@ def best_hit_rates(
             best = belady_hit_rate(trace, capacity)
         result[kind] = {"lookups": measured, "distinct": len(ids), "best_hit_rate": best}
     return result
+
+
+def best_hit_rates_of_run(
+    spec: WorkloadSpec,
+    sent: list[tuple[int, int]],
+    capacity: int,
+    warm_up: list[tuple[int, int]] = (),
+) -> dict[str, dict]:
+    """`best_hit_rates` of what a run sent: (trace stream, requests sent) pairs, in order,
+    replayed from `spec` (`Trace.replay`), after the warm-up streams (not counted)."""
+    return best_hit_rates(
+        Trace.replay(spec, sent), capacity, warm_up=Trace.replay(spec, list(warm_up))
+    )

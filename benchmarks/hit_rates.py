@@ -30,9 +30,9 @@ import httpx
 from tqdm import tqdm
 
 from benchmarks.compare import Workload, cache_delta
-from benchmarks.hit_bound import best_hit_rates
+from benchmarks.hit_bound import best_hit_rates_of_run
 from benchmarks.serving import served_app
-from benchmarks.workload import Trace, WorkloadSpec
+from benchmarks.workload import WorkloadSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "local.yaml"
@@ -90,10 +90,11 @@ def measure_trace(
         measured = run(url, *closed, "--stream", str(MEASURED_STREAM))["summary"]
         cache = cache_delta(before, http.get("/v1/stats").json())
     workload = WorkloadSpec(**spec)
-    best = best_hit_rates(
-        Trace.replay(workload, [(MEASURED_STREAM, measured["sent"])]),
+    best = best_hit_rates_of_run(
+        workload,
+        [(MEASURED_STREAM, measured["sent"])],
         app.config.cache.max_entries,
-        warm_up=Trace.replay(workload, [(WARM_UP_STREAM, warm["sent"])]),
+        warm_up=[(WARM_UP_STREAM, warm["sent"])],
     )
     return {
         "spec": workload.__dict__,

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from benchmarks.hit_bound import best_hit_rates
+from benchmarks.hit_bound import best_hit_rates, best_hit_rates_of_run
 from benchmarks.workload import Request, Trace, UniqueTexts, WorkloadSpec, corpus_requests
 
 
@@ -89,8 +89,7 @@ def test_the_read_heavy_trace_allows_the_field_reports_hit_rates():
     from benchmarks.hit_rates import TRACES
 
     def bounds(spec: WorkloadSpec) -> dict[str, float]:
-        warm, measured = Trace.replay(spec, [(9, 2000)]), Trace.replay(spec, [(10, 3000)])
-        best = best_hit_rates(measured, capacity=200_000, warm_up=warm)
+        best = best_hit_rates_of_run(spec, [(10, 3000)], 200_000, warm_up=[(9, 2000)])
         return {kind: row["best_hit_rate"] for kind, row in best.items()}
 
     default, read_heavy = (
