@@ -25,6 +25,12 @@ DIRECT_PORT ?= 8100
 DIRECT_ENV := RAY_SERVE_ENABLE_DIRECT_INGRESS=1 RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=0 \
 	RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=$(DIRECT_PORT) \
 	RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT=$(shell expr $(DIRECT_PORT) + 100)
+# HAPROXY=1 make run: Ray Serve's HAProxy ingress (experimental in Ray 2.60) on 8000 instead of
+# the Python proxy, forwarding to the Router's direct-ingress port. HAPROXY_ENV with DIRECT_ENV
+# is graphs/serve_env.py's haproxy_env(DIRECT_PORT, 100) (the same unit test).
+HAPROXY ?= 0
+HAPROXY_ENV := RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_HAPROXY_METRICS_PORT=9101 \
+	RAY_SERVE_HAPROXY_STATS_PORT=8404
 
 .PHONY: install run test test-fast bench lint format clean peer import
 
@@ -45,7 +51,9 @@ $(MODEL_DIR)/config.json: $(INSTALLED) mneme/tiny_llama.py
 run: install
 	$(BIN)/python -m graphs.validate $(CONFIG)
 	$(if $(filter 1,$(DIRECT_INGRESS)),@echo "direct ingress: the Router answers on http://127.0.0.1:$(DIRECT_PORT)")
-	$(SERVE_ENV) $(if $(filter 1,$(DIRECT_INGRESS)),$(DIRECT_ENV)) $(BIN)/serve run $(CONFIG)
+	$(if $(filter 1,$(HAPROXY)),@echo "HAProxy ingress on the proxy's port, forwarding to the Router's port $(DIRECT_PORT)")
+	$(SERVE_ENV) $(if $(filter 1,$(DIRECT_INGRESS) $(HAPROXY)),$(DIRECT_ENV)) \
+	    $(if $(filter 1,$(HAPROXY)),$(HAPROXY_ENV)) $(BIN)/serve run $(CONFIG)
 
 test: install
 	$(BIN)/python -m pytest

@@ -1,6 +1,7 @@
 """Compute-aware vs naive, side by side in one run, with the peer and the offline ceiling.
 
-    python -m benchmarks.compare [--seconds 15] [--no-peer] [--direct-ingress] [--json ...]
+    python -m benchmarks.compare [--seconds 15] [--no-peer] [--direct-ingress | --haproxy]
+                                 [--json ...]
 
 One process run measures, in order (a progress bar shows where it is):
 1. the offline ceiling: sentence-transformers `encode` of unique texts in batches of 64, and
@@ -51,6 +52,7 @@ GRAPHS = {
     "naive": ROOT / "configs" / "naive.yaml",
     "compute_aware": ROOT / "configs" / "local.yaml",
 }
+TRANSPORTS = {(False, False): "proxy", (True, False): "direct ingress", (False, True): "haproxy"}
 LOAD_FACTORS = (0.5, 0.8, 1.5, 3.0, 6.0)  # open-loop rates, as multiples of naive's peak
 COMMON_LOAD = 0.8  # the factor at which p50/p95 are compared
 SAMPLE_S = 1.0
@@ -222,8 +224,16 @@ def cache_delta(before: dict, after: dict) -> dict[str, dict[str, float]]:
 
 
 class Bench:
-    def __init__(self, seconds: float, spec: dict[str, Any], progress: tqdm, direct: bool = False):
+    def __init__(
+        self,
+        seconds: float,
+        spec: dict[str, Any],
+        progress: tqdm,
+        direct: bool = False,
+        haproxy: bool = False,
+    ):
         self.direct = direct  # clients call the Router replica's own port, not the proxy
+        self.haproxy = haproxy  # clients call HAProxy, which forwards to that port
         self.seconds = seconds
         self.round_seconds = max(2.0, round(seconds * 2 / 3, 1))  # ROUNDS of them per figure
         self.spec = spec
@@ -245,7 +255,9 @@ class Bench:
         self.step(f"{name}: starting Ray Serve and vLLM")
         with (
             tempfile.TemporaryDirectory(prefix=f"mneme-{name}-") as data_dir,  # starts empty
-            served_app(app.with_data_dir(data_dir).bind, direct_ingress=self.direct) as url,
+            served_app(
+                app.with_data_dir(data_dir).bind, direct_ingress=self.direct, haproxy=self.haproxy
+            ) as url,
             httpx.Client(base_url=url, timeout=60) as http,
         ):
             sampler = StatsSampler(http)
@@ -440,10 +452,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=15.0, help="per measured phase")
     parser.add_argument("--spec", type=json.loads, default={}, help="WorkloadSpec fields, JSON")
     parser.add_argument("--no-peer", action="store_true", help="skip Infinity")
-    parser.add_argument(
+    transport = parser.add_mutually_exclusive_group()
+    transport.add_argument(
         "--direct-ingress",
         action="store_true",
         help="both graphs (and the no-op) behind Ray Serve's direct ingress, not the proxy",
+    )
+    transport.add_argument(
+        "--haproxy",
+        action="store_true",
+        help="direct ingress with Serve's HAProxy ingress in front, in the proxy's place",
     )
     parser.add_argument("--json", type=Path, default=RESULTS / "compare.json")
     parser.add_argument("--plots", type=Path, default=RESULTS, help="folder for the PNGs")
@@ -451,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
 
     steps = 2 * (8 + len(LOAD_FACTORS)) + 1 + (0 if args.no_peer else 2)
     with tqdm(total=steps, unit="step", file=sys.stderr) as progress:
-        bench = Bench(args.seconds, args.spec, progress, args.direct_ingress)
+        bench = Bench(args.seconds, args.spec, progress, args.direct_ingress, args.haproxy)
         progress.set_description("offline ceiling (sentence-transformers, batch 64)")
         bench.results["offline"] = offline_ceiling(unique_texts(1024))
         progress.update(1)
@@ -464,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
             bench.results["peer"] = bench.measure_peer()
     results = bench.results
     results["command"] = "python -m benchmarks.compare " + " ".join(argv or sys.argv[1:])
-    results["transport"] = "direct ingress" if args.direct_ingress else "proxy"
+    results["transport"] = TRANSPORTS[(args.direct_ingress, args.haproxy)]
     results["ratios"] = ratios(results)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=1))

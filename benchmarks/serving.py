@@ -64,8 +64,12 @@ def served_graph(
 
 def ingress_url(app_name: str, proxy_url: str, timeout_s: float = 60.0) -> str:
     """Where `app_name` answers HTTP: its ingress replica's own port under direct ingress
-    (the first replica's; nothing balances between replicas then), else the proxy."""
-    if os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") != "1":
+    (the first replica's; nothing balances between replicas then), else the proxy's port
+    (HAProxy's with the HAProxy ingress, which forwards to those replica ports)."""
+    if (
+        os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") != "1"
+        or os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1"
+    ):
         return proxy_url
     from ray.serve.context import _get_global_client
 
@@ -88,14 +92,24 @@ def ingress_url(app_name: str, proxy_url: str, timeout_s: float = 60.0) -> str:
 
 @contextlib.contextmanager
 def served_app(
-    build: Callable[[], Any], num_cpus: int = 2, direct_ingress: bool = False
+    build: Callable[[], Any],
+    num_cpus: int = 2,
+    direct_ingress: bool = False,
+    haproxy: bool = False,
 ) -> Iterator[str]:
     """Ray + Serve on a free port: the application `build()` returns at `/`, the no-op
     ingress at `/noop`; everything is shut down on exit. Yields Mneme's URL: the proxy's, or
-    with `direct_ingress` the Router replica's own (`ingress_url` finds the no-op's)."""
-    saved = {key: os.environ.get(key) for key in serve_env.DIRECT_INGRESS_ENV}
-    if direct_ingress:  # read at import by the controller and replicas: set before ray.init
-        os.environ.update(serve_env.DIRECT_INGRESS_ENV)
+    with `direct_ingress` the Router replica's own (`ingress_url` finds the no-op's); with
+    `haproxy` (direct ingress behind Serve's HAProxy ingress) HAProxy's, on the proxy port."""
+    env = {}
+    if direct_ingress or haproxy:
+        env = dict(serve_env.DIRECT_INGRESS_ENV)
+    if haproxy:
+        ports = {"RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port())}
+        ports["RAY_SERVE_HAPROXY_STATS_PORT"] = str(free_port())
+        env |= serve_env.HAPROXY_ENV | ports
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)  # read at import by the controller and replicas: before ray.init
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

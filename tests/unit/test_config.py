@@ -7,7 +7,13 @@ import yaml
 from pydantic import ValidationError
 
 from graphs.naive import naive_config
-from graphs.serve_env import SERVE_ENV, apply, direct_ingress_env, for_ray_processes
+from graphs.serve_env import (
+    SERVE_ENV,
+    apply,
+    direct_ingress_env,
+    for_ray_processes,
+    haproxy_env,
+)
 from graphs.serve_yaml import read_serve_yaml
 from graphs.validate import main as validate_main
 from graphs.validate import validate_file
@@ -100,16 +106,25 @@ def test_the_kuberay_manifest_embeds_cluster_yaml_verbatim():
     assert embedded == yaml.safe_load((ROOT / "configs/cluster.yaml").read_text())
 
 
-@pytest.mark.parametrize("direct", [False, True], ids=["proxy", "direct-ingress"])
-def test_make_run_exports_the_serve_environment(direct):
-    """The environment `make run` (and `DIRECT_INGRESS=1 make run`) gives `serve run` is
-    SERVE_ENV (the body limit at the proxy, handlers on the replicas' own loops), plus the
-    direct-ingress settings with ports 8100-8200 when asked."""
-    argv = ["make", "-n", "run", *(["DIRECT_INGRESS=1"] if direct else [])]
-    printed = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+INGRESS_ENV = {
+    "proxy": ([], {}),
+    "direct-ingress": (["DIRECT_INGRESS=1"], direct_ingress_env(8100, 100)),
+    "haproxy": (["HAPROXY=1"], haproxy_env(8100, 100)),
+}
+
+
+@pytest.mark.parametrize("ingress", list(INGRESS_ENV))
+def test_make_run_exports_the_serve_environment(ingress):
+    """The environment `make run` (and `DIRECT_INGRESS=1` or `HAPROXY=1 make run`) gives
+    `serve run` is SERVE_ENV (the body limit at the proxy, handlers on the replicas' own
+    loops), plus the direct-ingress settings with ports 8100-8200, and HAProxy's, when asked."""
+    flags, expected = INGRESS_ENV[ingress]
+    printed = subprocess.run(
+        ["make", "-n", "run", *flags], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.replace("\\\n", " ")
     [line] = [line for line in printed.splitlines() if "/serve run" in line]
     env = dict(word.split("=", 1) for word in line.split() if "=" in word)
-    assert env == SERVE_ENV | (direct_ingress_env(8100, 100) if direct else {})
+    assert env == SERVE_ENV | expected
 
 
 def test_every_kuberay_container_sets_the_serve_environment():
