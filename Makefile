@@ -71,6 +71,8 @@ bench: install
 	$(BIN)/python -m benchmarks.compare    # naive vs compute-aware vs Infinity (~15 min)
 	$(BIN)/python -m benchmarks.compare --direct-ingress \
 	    --json benchmarks/results/compare_direct_ingress.json --plots benchmarks/results/direct_ingress
+	$(BIN)/python -m benchmarks.compare --haproxy \
+	    --json benchmarks/results/compare_haproxy.json --plots benchmarks/results/haproxy
 
 # The peer embedding server (Infinity) in its own venv, .venv-infinity: its pins clash with ours.
 peer: $(INSTALLED)
