@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from graphs import serve_env
+from graphs.haproxy_orphans import stop_orphans
 
 
 def free_port() -> int:
@@ -129,6 +130,8 @@ def served_app(
     finally:
         serve.shutdown()
         ray.shutdown()
+        if haproxy:
+            stop_orphans()  # an HAProxy Ray left behind keeps the port (graphs/haproxy_orphans)
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)

@@ -24,6 +24,7 @@ import yaml
 from ray._private.services import get_node_ip_address as node_ip_address
 
 from benchmarks.serving import free_port
+from graphs.haproxy_orphans import orphans, stop_orphans
 from graphs.serve_env import SERVE_ENV, direct_ingress_env, haproxy_env
 
 pytestmark = pytest.mark.slow
@@ -58,6 +59,7 @@ def serve_run(tmp_path: Path, proxy_port: int, ray_env: dict[str, str]):
     env.pop("RAY_ADDRESS", None)
     log = tmp_path / "serve.log"
     serve = Path(sys.executable).with_name("serve")
+    stop_orphans()  # an HAProxy an earlier run left behind would share the port
     with log.open("w") as out:
         proc = subprocess.Popen(
             [str(serve), "run", "--address", "local", str(path)],
@@ -66,6 +68,8 @@ def serve_run(tmp_path: Path, proxy_port: int, ray_env: dict[str, str]):
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            # Ctrl-C stops it even where this runs with SIGINT ignored (a background job)
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
     try:
         yield proc, log
@@ -76,6 +80,7 @@ def serve_run(tmp_path: Path, proxy_port: int, ray_env: dict[str, str]):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        stop_orphans()  # what a killed run leaves, as `make run` does before its next start
 
 
 def assert_loopback_only(port: int) -> None:
@@ -136,6 +141,7 @@ def test_haproxy_takes_the_proxy_port_and_forwards_to_the_router(tmp_path):
         proxy = f"http://127.0.0.1:{proxy_port}"
         wait_until_healthy(proxy, proc, log)
         assert listener_of(proxy_port) == "haproxy"
+        assert orphans() == []  # Ray's live HAProxy is its manager's child, never stopped
         with httpx.Client(base_url=proxy, timeout=60) as http:
             embeds_adds_and_refuses_bad_input(http, "ha")
             # no Python proxy to refuse a big body: the Router's own limit does (4 MiB)
@@ -146,3 +152,5 @@ def test_haproxy_takes_the_proxy_port_and_forwards_to_the_router(tmp_path):
             )
             assert found.status_code == 200 and found.json()["hits"][0]["id"] == "m1"
         assert_loopback_only(proxy_port)
+    with pytest.raises(httpx.ConnectError):  # nothing left on the port once stopped
+        httpx.get(f"http://127.0.0.1:{proxy_port}/healthz", timeout=5)

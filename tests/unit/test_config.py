@@ -121,7 +121,9 @@ def test_make_run_exports_the_serve_environment(ingress):
     flags, expected = INGRESS_ENV[ingress]
     printed = subprocess.run(
         ["make", "-n", "run", *flags], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout.replace("\\\n", " ")
+    ).stdout
+    subprocess.run(["sh", "-n"], input=printed, text=True, check=True)  # valid shell
+    printed = printed.replace("\\\n", " ")
     [line] = [line for line in printed.splitlines() if "/serve run" in line]
     env = dict(word.split("=", 1) for word in line.split() if "=" in word)
     assert env == SERVE_ENV | expected
