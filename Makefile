@@ -52,7 +52,7 @@ run: install
 	$(BIN)/python -m graphs.validate $(CONFIG)
 	$(if $(filter 1,$(DIRECT_INGRESS)),@echo "direct ingress: the Router answers on http://127.0.0.1:$(DIRECT_PORT)")
 	$(if $(filter 1,$(HAPROXY)),@echo "HAProxy ingress on the proxy port: it forwards to the Router on $(DIRECT_PORT)")
-	$(BIN)/python -m graphs.haproxy_orphans  # an HAProxy a stopped run left on a port
+	$(BIN)/python -m graphs.haproxy_orphans  # stops an HAProxy a killed run left on a port
 	$(SERVE_ENV) $(if $(filter 1,$(DIRECT_INGRESS) $(HAPROXY)),$(DIRECT_ENV)) \
 	    $(if $(filter 1,$(HAPROXY)),$(HAPROXY_ENV)) $(BIN)/serve run $(CONFIG)
 

@@ -44,7 +44,7 @@ def direct_ingress_env(first_port: int, ports: int) -> dict[str, str]:
 # package ships, takes the proxy's port and sends each request straight to an ingress
 # replica's direct-ingress port, so requests on the usual port skip the Python proxy's hop.
 # Experimental in Ray 2.60; opt-in (README "HAProxy ingress"). HAProxy binds its Prometheus
-# exporter and stats page on every interface, at these ports.
+# exporter and stats page on every interface, on the ports `haproxy_env` sets.
 HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
 
 
