@@ -91,12 +91,24 @@ class CpuMeter:
         self._last: dict[int, tuple[str, float]] = {}
 
     @classmethod
-    def _role(cls, proc: psutil.Process) -> str:
-        """Replicas by deployment; vLLM's engine processes count as the Generator's."""
+    def _own_role(cls, proc: psutil.Process) -> str | None:
         line = " ".join(proc.cmdline())
         if "VLLM" in line or "EngineCore" in line:
             return "Generator"
-        return next((role for role in cls.ROLES if role in line), "other (Ray, controller)")
+        return next((role for role in cls.ROLES if role in line), None)
+
+    @classmethod
+    def _role(cls, proc: psutil.Process) -> str:
+        """Replicas by deployment, and a process by the replica it runs under (vLLM's engine
+        is the Generator's even while its process title is not yet set); up to this process,
+        whose own parents are no replica."""
+        for process in (proc, *proc.parents()):
+            if process.pid == os.getpid():
+                break
+            role = cls._own_role(process)
+            if role is not None:
+                return role
+        return "other (Ray, controller)"
 
     def _sample(self) -> dict[int, tuple[str, float]]:
         out = {}
