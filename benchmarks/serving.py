@@ -106,9 +106,7 @@ def served_app(
     if direct_ingress or haproxy:
         env = dict(serve_env.DIRECT_INGRESS_ENV)
     if haproxy:
-        ports = {"RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port())}
-        ports["RAY_SERVE_HAPROXY_STATS_PORT"] = str(free_port())
-        env |= serve_env.HAPROXY_ENV | ports
+        env |= serve_env.haproxy_settings(metrics_port=free_port(), stats_port=free_port())
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)  # read at import by the controller and replicas: before ray.init
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -44,22 +44,22 @@ def direct_ingress_env(first_port: int, ports: int) -> dict[str, str]:
 # package ships, takes the proxy's port and sends each request straight to an ingress
 # replica's direct-ingress port, so requests on the usual port skip the Python proxy's hop.
 # Experimental in Ray 2.60; opt-in (README "HAProxy ingress"). HAProxy binds its Prometheus
-# exporter and stats page on every interface, on the ports `haproxy_env` sets.
-HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
+# exporter and stats page on every interface, on the ports given here.
+def haproxy_settings(metrics_port: int = 9101, stats_port: int = 8404) -> dict[str, str]:
+    """HAProxy switched on, its exporter and stats page on these ports (with direct ingress,
+    which it forwards to: `haproxy_env`)."""
+    return {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics_port),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(stats_port),
+    }
 
 
 def haproxy_env(
     first_port: int, ports: int, metrics_port: int = 9101, stats_port: int = 8404
 ) -> dict[str, str]:
-    """`direct_ingress_env` (HAProxy forwards to those ports) with HAProxy switched on."""
-    return (
-        direct_ingress_env(first_port, ports)
-        | HAPROXY_ENV
-        | {
-            "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics_port),
-            "RAY_SERVE_HAPROXY_STATS_PORT": str(stats_port),
-        }
-    )
+    """`direct_ingress_env` (HAProxy forwards to those ports) with `haproxy_settings`."""
+    return direct_ingress_env(first_port, ports) | haproxy_settings(metrics_port, stats_port)
 
 
 def apply(environ: MutableMapping[str, str]) -> MutableMapping[str, str]:
