@@ -42,9 +42,9 @@ import psutil
 from tqdm import tqdm
 
 from benchmarks import plots
-from benchmarks.hit_bound import best_hit_rates_of_run
+from benchmarks.hit_bound import CACHE_KINDS, best_hit_rates_of_run
 from benchmarks.serving import ingress_url, served_app
-from benchmarks.workload import UniqueTexts, WorkloadSpec
+from benchmarks.workload import UniqueTexts, WorkloadSpec, answer_memories
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -214,6 +214,8 @@ def replica_use(before: dict, after: dict) -> dict[str, dict[str, float]]:
             items = a["items"] - b["items"]
             batches = a["batches"] - b["batches"]
             row |= {"items_per_s": items / wall, "mean_batch": items / batches if batches else 0}
+        if "requests" in a:  # the Generator: generations started
+            row["requests"] = a["requests"] - b["requests"]
         if "mean_in_flight_when_busy" in a:
             row["mean_in_flight_when_busy"] = a["mean_in_flight_when_busy"]
         out[name] = row
@@ -307,12 +309,14 @@ class Bench:
                        "--stream", "9")  # fmt: skip
             warm_up = [(9, warm["summary"]["sent"])]
             sent: list[tuple[int, int]] = []  # (trace stream, requests sent), in order
+            memories = answer_memories(9, warm["outcomes"])  # what each answer was given
             stats_before = sampler.take()
             self.step(f"{name}: agents' workload, closed loop (peak)")
             with sampler.during("peak"):
                 peak = run(url, "--mode", "closed", "--concurrency", "32", "--seconds", secs,
                            "--stream", "10")  # fmt: skip
             sent.append((10, peak["summary"]["sent"]))
+            memories |= answer_memories(10, peak["outcomes"])
             out["peak"] = peak["summary"]
             out["peak"]["replicas"] = replica_use(stats_before, sampler.take())
             if rates is None:
@@ -333,9 +337,12 @@ class Bench:
                 summary["replicas"] = replica_use(before, sampler.take())
                 out["open_loop"].append(summary)
                 sent.append((20 + i, summary["sent"]))
+                memories |= answer_memories(20 + i, result["outcomes"])
             stats_after = sampler.take()
             out["cache"] = cache_delta(stats_before, stats_after)
-            out["best_possible"] = self._best_possible(sent, warm_up, app.config.cache.max_entries)
+            out["best_possible"] = best_hit_rates_of_run(
+                WorkloadSpec(**self.spec), sent, app.config.cache.max_entries, warm_up, memories
+            )
             out["stats_samples"] = sampler.samples
             out["stats"] = stats_after
         return out | {"rates": rates}
@@ -363,9 +370,6 @@ class Bench:
             return measure()["summary"]
         finally:
             handle.reconfigure.remote(None).result()
-
-    def _best_possible(self, sent, warm_up, capacity: int) -> dict[str, Any]:
-        return best_hit_rates_of_run(WorkloadSpec(**self.spec), sent, capacity, warm_up)
 
     def measure_peer(self) -> dict[str, Any]:
         from benchmarks.peer import SERVED_MODEL, ensure_infinity_venv, infinity_server
@@ -407,19 +411,15 @@ def ratios(results: dict[str, Any]) -> dict[str, float]:
         "cpu_s_per_1000_at_peak_naive": plots.busiest(naive)["cpu_s_per_1000"],
         "idle_cores_aware": sum(aware["idle_cores"].values()),
         "idle_cores_naive": sum(naive["idle_cores"].values()),
-        **{
-            f"{kind}_served_without_compute": aware["cache"]
-            .get(kind, {})
-            .get("served_without_compute", 0.0)
-            for kind in ("embedding", "search", "answer")
-        },
-        "embedding_hit_rate": aware["cache"].get("embedding", {}).get("hit_rate", 0.0),
-        "search_hit_rate": aware["cache"].get("search", {}).get("hit_rate", 0.0),
-        "answer_hit_rate": aware["cache"].get("answer", {}).get("hit_rate", 0.0),
-        "embedding_best_possible": aware["best_possible"]["embedding"]["best_hit_rate"],
-        "search_best_possible": aware["best_possible"]["search"]["best_hit_rate"],
-        "answer_best_possible": aware["best_possible"].get("answer", {}).get("best_hit_rate", 0.0),
     }
+    generations = generations_per_1000(aware["peak"]), generations_per_1000(naive["peak"])
+    if None not in generations:
+        out["generations_per_1000_aware"], out["generations_per_1000_naive"] = generations
+    for kind in CACHE_KINDS:
+        served, best = aware["cache"].get(kind, {}), aware["best_possible"].get(kind, {})
+        out[f"{kind}_hit_rate"] = served.get("hit_rate", 0.0)
+        out[f"{kind}_served_without_compute"] = served.get("served_without_compute", 0.0)
+        out[f"{kind}_best_possible"] = best.get("best_hit_rate", 0.0)
     ceiling = results["offline"]["batched_texts_per_s"]
     a_u = aware["unique_embed_32"]
     n_u = naive["unique_embed_32"]
@@ -452,6 +452,14 @@ def ratios(results: dict[str, Any]) -> dict[str, float]:
         )
         out["lone_embed_p50_ms_peer"] = peer["lone_embed"]["p50_ms"]
     return out
+
+
+def generations_per_1000(phase: dict[str, Any]) -> float | None:
+    """LLM generations started per 1,000 requests served in `phase` (None: not recorded)."""
+    generator = phase.get("replicas", {}).get("generator", {})
+    if "requests" not in generator or not phase["ok"]:
+        return None
+    return 1000 * generator["requests"] / phase["ok"]
 
 
 def peak_qps(graph: dict[str, Any]) -> float:

@@ -30,13 +30,12 @@ import httpx
 from tqdm import tqdm
 
 from benchmarks.compare import Workload, cache_delta
-from benchmarks.hit_bound import best_hit_rates_of_run
+from benchmarks.hit_bound import CACHE_KINDS, best_hit_rates_of_run
 from benchmarks.serving import served_app
-from benchmarks.workload import WorkloadSpec
+from benchmarks.workload import WorkloadSpec, answer_memories
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "local.yaml"
-KINDS = ("embedding", "search", "answer")
 TRACES: dict[str, dict[str, Any]] = {
     "default": {},
     "read_heavy": {
@@ -52,7 +51,7 @@ def summary(cache: dict[str, dict], best: dict[str, dict]) -> dict[str, dict[str
     """Per kind: the measured hit rate, the rate served without compute (hits and misses
     joined to a computation in flight), the best possible, and the gap in points."""
     out = {}
-    for kind in KINDS:
+    for kind in CACHE_KINDS:
         if kind not in cache or kind not in best:
             continue
         hit, served = cache[kind]["hit_rate"], cache[kind]["served_without_compute"]
@@ -84,17 +83,20 @@ def measure_trace(
         step(f"{name}: adding the memory corpora")
         run(url, "--seed-corpus", "--max-requests", "0")
         step(f"{name}: warm-up (not counted)")
-        warm = run(url, *closed, "--stream", str(WARM_UP_STREAM))["summary"]
+        warm_run = run(url, *closed, "--stream", str(WARM_UP_STREAM))
         before = http.get("/v1/stats").json()
         step(f"{name}: measured phase")
-        measured = run(url, *closed, "--stream", str(MEASURED_STREAM))["summary"]
+        measured_run = run(url, *closed, "--stream", str(MEASURED_STREAM))
         cache = cache_delta(before, http.get("/v1/stats").json())
+    warm, measured = warm_run["summary"], measured_run["summary"]
     workload = WorkloadSpec(**spec)
     best = best_hit_rates_of_run(
         workload,
         [(MEASURED_STREAM, measured["sent"])],
         app.config.cache.max_entries,
         warm_up=[(WARM_UP_STREAM, warm["sent"])],
+        memories=answer_memories(WARM_UP_STREAM, warm_run["outcomes"])
+        | answer_memories(MEASURED_STREAM, measured_run["outcomes"]),
     )
     return {
         "spec": workload.__dict__,

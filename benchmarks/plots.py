@@ -119,6 +119,20 @@ def busiest(graph: dict[str, Any]) -> dict[str, Any]:
     return max(graph["open_loop"], key=lambda phase: phase["throughput_rps"])
 
 
+def _generations_row(r: dict[str, float]) -> list[tuple[str, str, str, str]]:
+    if "generations_per_1000_aware" not in r:  # results from before it was recorded
+        return []
+    aware, naive = r["generations_per_1000_aware"], r["generations_per_1000_naive"]
+    return [
+        (
+            "LLM generations per 1,000 requests at peak, aware / naive",
+            f"{aware / naive:.2f}x",
+            f"{aware:.0f} vs {naive:.0f}",
+            "",
+        )
+    ]
+
+
 def headline_table(results: dict[str, Any]) -> str:
     """The headline ratios as a Markdown table, beside the field report's figures."""
     r = results["ratios"]
@@ -156,8 +170,15 @@ def headline_table(results: dict[str, Any]) -> str:
                 f"{r[f'{kind}_served_without_compute']:.0%} with joined misses",
                 report,
             )
-            for kind, report in (("embedding", "73 %"), ("search", "68 %"), ("answer", ""))
+            for kind, report in (
+                ("embedding", "73 %"),
+                ("search", "68 %"),
+                ("answer", ""),
+                ("generation", ""),
+            )
+            if f"{kind}_hit_rate" in r  # results from before answers' generations were cached
         ),
+        *_generations_row(r),
         (
             "Embedder's useful work (texts/s over the offline ceiling), aware / naive",
             f"{r['embedder_useful_share_ratio']:.1f}x",

@@ -223,16 +223,23 @@ class Outcome:
     latency_s: float
     status: int  # 0: the connection failed
     cache: str
+    memories: list[str] | None = None  # an answer's memories (ids), for `hit_bound`
 
 
-async def _send(session: aiohttp.ClientSession, base: str, req: Request) -> tuple[int, str]:
+async def _send(
+    session: aiohttp.ClientSession, base: str, req: Request
+) -> tuple[int, str, list[str] | None]:
+    """Status, X-Cache and, for an answer, the ids of the memories it was given."""
     headers = {"X-Priority": req.priority}
     try:
         async with session.post(base + req.path, json=req.body, headers=headers) as resp:
-            await resp.read()
-            return resp.status, resp.headers.get("x-cache", "")
+            body = await resp.read()
+            memories = None
+            if req.kind == "answer" and resp.status == 200:
+                memories = [m["id"] for m in json.loads(body)["memories"]]
+            return resp.status, resp.headers.get("x-cache", ""), memories
     except (TimeoutError, aiohttp.ClientError):
-        return 0, ""
+        return 0, "", None
 
 
 async def run_closed(
@@ -249,10 +256,10 @@ async def run_closed(
             index, req = next_index, next(requests)
             next_index += 1
             sent = time.perf_counter()
-            status, cache = await _send(session, base, req)
-            done = time.perf_counter()
+            status, cache, memories = await _send(session, base, req)
+            latency, at = time.perf_counter() - sent, sent - start
             outcomes.append(
-                Outcome(index, req.kind, req.priority, sent - start, done - sent, status, cache)
+                Outcome(index, req.kind, req.priority, at, latency, status, cache, memories)
             )
 
     async with _session(concurrency) as session:
@@ -271,9 +278,11 @@ async def run_open(
         start = time.perf_counter()
 
         async def one(index: int, at: float, req: Request) -> None:
-            status, cache = await _send(session, base, req)
+            status, cache, memories = await _send(session, base, req)
             latency = time.perf_counter() - start - at
-            outcomes.append(Outcome(index, req.kind, req.priority, at, latency, status, cache))
+            outcomes.append(
+                Outcome(index, req.kind, req.priority, at, latency, status, cache, memories)
+            )
 
         at = 0.0
         for index in range(limit):
@@ -323,6 +332,16 @@ def summarise(outcomes: list[Outcome], seconds: float) -> dict[str, Any]:
         "statuses": dict(Counter(str(o.status) for o in outcomes)),
         "cache": dict(Counter(o.cache or "none" for o in ok)),
         "per_kind": per_kind,
+    }
+
+
+def answer_memories(stream: int, outcomes: list[dict]) -> dict[tuple[int, int], tuple[str, ...]]:
+    """(stream, index) -> the memory ids each answered request was given, from a run's
+    `outcomes` (its JSON): what `hit_bound` keys answers' generations by."""
+    return {
+        (stream, o["index"]): tuple(o["memories"])
+        for o in outcomes
+        if o.get("memories") is not None
     }
 
 

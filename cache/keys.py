@@ -2,7 +2,8 @@
 
 Search and answer keys also carry the namespace's version, which the cache actor appends
 (`KeyRequest.namespace`), so any add or delete makes every older result unreachable.
-Embeddings are content-addressed (model + normalised text) and never go stale.
+Embeddings and generations are content-addressed (model + normalised text; model + prompt
+and sampling) and never go stale.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ class Kind(enum.StrEnum):
     EMBEDDING = "embedding"
     SEARCH = "search"
     ANSWER = "answer"
-    CHAT = "chat"
+    CHAT = "chat"  # a chat completion at temperature 0 or with a seed
+    GENERATION = "generation"  # an answer's generation, by namespace and prompt
 
 
 @dataclass(frozen=True)
@@ -56,8 +58,12 @@ def namespaced_key(kind: Kind, model: str, namespace: str, payload: Any) -> KeyR
     return KeyRequest(kind, f"{kind}:{digest([model, namespace, payload])}", namespace)
 
 
-def chat_key(model: str, payload: Any) -> KeyRequest:
-    return KeyRequest(Kind.CHAT, f"{Kind.CHAT}:{digest([model, payload])}")
+def prompt_key(kind: Kind, model: str, payload: Any, namespace: str | None) -> KeyRequest:
+    """A generation is a function of its prompt and sampling, whatever version the namespace
+    is at. A prompt built from a namespace's memories carries that namespace too, so no other
+    namespace is served it, nor learns from a hit that it was computed."""
+    parts = [model, payload] if namespace is None else [model, namespace, payload]
+    return KeyRequest(kind, f"{kind}:{digest(parts)}")
 
 
 def versioned(base: str, version: str) -> str:

@@ -1,9 +1,10 @@
 """The compute path of the ingress: downstream calls with the compute cache in front.
 
 Everything `MnemeService` computes goes through here. Embeddings are cached per text
-(content-addressed), searches and answers per namespace version, deterministic chat per
-prompt; writes bump the namespace's version before they are acknowledged. Without a cache
-(the naive graph) every call goes straight to the downstreams.
+(content-addressed), searches and answers per namespace version, deterministic generations
+per prompt (and namespace, where the prompt holds its memories); writes bump the
+namespace's version before they are acknowledged. Without a cache (the naive graph) every
+call goes straight to the downstreams.
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ from cache.client import CacheClient
 from cache.keys import (
     KeyRequest,
     Kind,
-    chat_key,
     digest,
     embedding_key,
     namespaced_key,
     normalise_text,
+    prompt_key,
 )
 from deployments.downstreams import Downstreams
 from mneme.config import MnemeConfig
@@ -169,11 +170,29 @@ class ComputeGraph:
         return self.down.generate_stream(request, ctx)
 
     async def generate(
-        self, request: GenerationRequest, ctx: RequestContext, cacheable: bool = False
+        self,
+        request: GenerationRequest,
+        ctx: RequestContext,
+        cacheable: bool = False,
+        namespace: str | None = None,
     ) -> Generation:
-        """`cacheable`: the output is a function of the request (temperature 0 or a seed)."""
+        """A chat completion. `cacheable`: the output is a function of the request
+        (temperature 0 or a seed); `namespace`: the one whose memories the prompt holds."""
         if not (cacheable and self.config.cache.cache_chat):
             return await self.down.generate(request, ctx)
+        return await self._generate_cached(Kind.CHAT, request, namespace, ctx)
+
+    async def generate_answer(
+        self, request: GenerationRequest, namespace: str, ctx: RequestContext
+    ) -> Generation:
+        """An answer's generation at temperature 0, cached by namespace and prompt: an add
+        that leaves a question's memories as they were costs its next answer a search, not a
+        generation."""
+        return await self._generate_cached(Kind.GENERATION, request, namespace, ctx)
+
+    async def _generate_cached(
+        self, kind: Kind, request: GenerationRequest, namespace: str | None, ctx: RequestContext
+    ) -> Generation:
         payload = [
             request.messages,
             request.max_tokens,
@@ -184,5 +203,5 @@ class ComputeGraph:
             request.presence_penalty,
             request.frequency_penalty,
         ]
-        key = chat_key(self.config.generator.served_model_name, payload)
+        key = prompt_key(kind, self.config.generator.served_model_name, payload, namespace)
         return await self.cached(key, lambda: self.down.generate(request, ctx), ctx)

@@ -149,16 +149,17 @@ class MnemeService:
 
         async def produce() -> tuple[str, list[SearchHit]]:
             hits = await self._retrieve(req.namespace, req.query, req.top_k, req.filter, ctx)
-            generation = await self.compute.generate(
-                GenerationRequest(
-                    request_id=new_id("answer-"),
-                    messages=[("system", self._memory_prompt(hits)), ("user", req.query)],
-                    max_tokens=self._max_tokens(req.max_tokens),
-                    temperature=req.temperature,
-                    priority=int(ctx.priority),
-                ),
-                ctx,
+            request = GenerationRequest(
+                request_id=new_id("answer-"),
+                messages=[("system", self._memory_prompt(hits)), ("user", req.query)],
+                max_tokens=self._max_tokens(req.max_tokens),
+                temperature=req.temperature,
+                priority=int(ctx.priority),
             )
+            if req.temperature == 0:
+                generation = await self.compute.generate_answer(request, req.namespace, ctx)
+            else:
+                generation = await self.compute.generate(request, ctx)
             return generation.text, hits
 
         if req.temperature == 0:  # deterministic: one answer per namespace version
@@ -218,6 +219,7 @@ class MnemeService:
             await self._generation_request(req, ctx, request_id),
             ctx,
             cacheable=req.temperature == 0 or req.seed is not None,
+            namespace=req.memory.namespace if req.memory else None,
         )
         return p.ChatCompletionResponse(
             id=request_id,

@@ -222,6 +222,7 @@ class CacheTtlConfig(StrictModel):
     search: float = Field(300.0, gt=0, description="Seconds a search result lives.")
     answer: float = Field(600.0, gt=0, description="Seconds an /v1/answer result lives.")
     chat: float = Field(600.0, gt=0, description="Seconds a deterministic chat result lives.")
+    generation: float = Field(600.0, gt=0, description="Seconds an answer's generation lives.")
 
 
 class CacheConfig(StrictModel):

@@ -78,6 +78,48 @@ def test_answers_are_cached_per_namespace_version(http):
     assert http.post("/v1/answer", json=body).headers["x-cache"] == "miss"
 
 
+def generations(http) -> int:
+    return http.get("/v1/stats").json()["generator"]["requests"]
+
+
+def test_an_answer_is_regenerated_only_when_its_memories_change(http):
+    space = f"gen-{uuid.uuid4().hex[:8]}"
+    add = {"namespace": space, "items": [{"id": "tea", "text": "Tea is served at 5 pm"}]}
+    http.post("/v1/memories", json=add)
+    body = {"namespace": space, "query": "When is tea served?", "top_k": 1, "max_tokens": 6}
+    before = generations(http)
+    first = http.post("/v1/answer", json=body)
+    assert generations(http) == before + 1
+    unrelated = {"namespace": space, "items": [{"id": "car", "text": "The car is in the garage"}]}
+    http.post("/v1/memories", json=unrelated)
+    same_memories = http.post("/v1/answer", json=body)
+    assert same_memories.headers["x-cache"] == "miss"  # a new version: searched again
+    assert same_memories.json() == first.json()
+    assert generations(http) == before + 1  # ... but the same prompt: not generated again
+    http.delete("/v1/memories/tea", params={"namespace": space})
+    changed = http.post("/v1/answer", json=body)
+    assert [m["id"] for m in changed.json()["memories"]] == ["car"]
+    assert generations(http) == before + 2
+
+
+def test_the_same_prompt_in_two_namespaces_is_generated_for_each(http):
+    """Identical memories and question: the prompts match, the cache entries must not."""
+    a, b = (f"gen-iso-{uuid.uuid4().hex[:8]}" for _ in range(2))
+    text, query = unique("the vault code is"), "what is the vault code?"
+    for space in (a, b):
+        http.post("/v1/memories", json={"namespace": space, "items": [{"text": text}]})
+    before = generations(http)
+    for space in (a, b):
+        r = http.post("/v1/answer", json={"namespace": space, "query": query, "max_tokens": 4})
+        assert r.status_code == 200
+    assert generations(http) == before + 2
+    chat = {"messages": [{"role": "user", "content": query}], "max_tokens": 4, "temperature": 0}
+    for space in (a, b):
+        r = http.post("/v1/chat/completions", json={**chat, "memory": {"namespace": space}})
+        assert r.status_code == 200
+    assert generations(http) == before + 4
+
+
 def test_only_deterministic_chat_is_cached(http):
     messages = [{"role": "user", "content": unique("chat")}]
     greedy = {"messages": messages, "max_tokens": 5, "temperature": 0}

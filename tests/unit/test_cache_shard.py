@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from cache.keys import Kind, embedding_key, namespaced_key
+from cache.keys import Kind, embedding_key, namespaced_key, prompt_key
 from cache.shard import CacheShard
 from mneme.config import CacheConfig
 
@@ -65,6 +65,27 @@ def test_a_write_bumps_the_version_so_old_results_are_unreachable():
     assert list(hit.found.values()) == [(b"old result", "hit-l1")]
     assert after.found == {} and after.keys != hit.keys
     assert other.found == {}
+
+
+def test_a_generation_outlives_a_version_bump_but_not_its_namespace():
+    prompt = [[("system", "Memories:\n- tea at 5"), ("user", "when is tea?")], 16, 0.0]
+
+    def generation(namespace):
+        return prompt_key(Kind.GENERATION, "llm", prompt, namespace)
+
+    async def go():
+        shard = CacheShard(CacheConfig())
+        await fill(shard, generation("ns"), b"at 5")
+        shard.bump("ns")  # an add elsewhere in the namespace: the same prompt, the same answer
+        after_bump = await shard.lookup([generation("ns")])
+        other = await shard.lookup([generation("other-ns")])
+        plain_chat = await shard.lookup([prompt_key(Kind.CHAT, "llm", prompt, None)])
+        return after_bump, other, plain_chat
+
+    after_bump, other, plain_chat = run(go())
+    assert list(after_bump.found.values()) == [(b"at 5", "hit-l1")]
+    assert other.found == {} and other.keys != after_bump.keys
+    assert plain_chat.found == {}
 
 
 def test_single_flight_n_concurrent_misses_compute_once():

@@ -8,7 +8,14 @@ from collections import Counter
 import pytest
 
 from benchmarks.hit_bound import best_hit_rates, best_hit_rates_of_run
-from benchmarks.workload import Request, Trace, UniqueTexts, WorkloadSpec, corpus_requests
+from benchmarks.workload import (
+    Request,
+    Trace,
+    UniqueTexts,
+    WorkloadSpec,
+    answer_memories,
+    corpus_requests,
+)
 
 
 def take(trace, n: int) -> list[Request]:
@@ -69,6 +76,36 @@ def test_best_hit_rates_follow_the_routers_lookups_and_versions():
     assert best["search"]["best_hit_rate"] == pytest.approx(1 / 4)
     assert best["embedding"]["lookups"] == 5  # Q, Q, x, Q, Q (the hit search asks nothing)
     assert best["embedding"]["best_hit_rate"] == pytest.approx(3 / 5)
+
+
+def answer(ns: str, query: str) -> Request:
+    body = {"namespace": ns, "query": query, "top_k": 5, "max_tokens": 16}
+    return Request("answer", "/v1/answer", body, "normal")
+
+
+def test_an_answers_generation_is_keyed_by_the_memories_it_was_given():
+    trace = [
+        answer("a", "Q"),  # answer, search, embedding, generation: all miss
+        add("a"),  # a's version bumps
+        answer("a", "Q"),  # answer and search miss; the same memories: generation hit
+        add("a"),
+        answer("a", "Q"),  # the new memory is among its top_k: generation miss
+        answer("b", "Q"),  # the same memories' ids in another namespace: miss
+    ]
+    given = [("m1", "m2"), None, ("m1", "m2"), None, ("new", "m1"), ("m1", "m2")]
+    best = best_hit_rates(trace, capacity=1000, memories=given)
+    assert best["answer"]["best_hit_rate"] == 0
+    assert best["generation"]["lookups"] == 4
+    assert best["generation"]["best_hit_rate"] == pytest.approx(1 / 4)
+    assert "generation" not in best_hit_rates(trace, capacity=1000)  # memories unknown
+
+
+def test_memories_of_a_run_follow_its_streams_and_indices():
+    outcomes = [
+        {"index": 0, "memories": None},
+        {"index": 1, "memories": ["x", "y"]},
+    ]
+    assert answer_memories(7, outcomes) == {(7, 1): ("x", "y")}
 
 
 def test_warm_up_is_replayed_but_not_counted():
