@@ -146,6 +146,8 @@ class MnemeService:
 
     async def answer(self, req: p.AnswerRequest, ctx: RequestContext) -> p.AnswerResponse:
         req.check_limits(self.limits)
+        # deterministic: one answer per namespace version, one generation per prompt
+        deterministic = req.temperature == 0
 
         async def produce() -> tuple[str, list[SearchHit]]:
             hits = await self._retrieve(req.namespace, req.query, req.top_k, req.filter, ctx)
@@ -156,13 +158,13 @@ class MnemeService:
                 temperature=req.temperature,
                 priority=int(ctx.priority),
             )
-            if req.temperature == 0:
+            if deterministic:
                 generation = await self.compute.generate_answer(request, req.namespace, ctx)
             else:
                 generation = await self.compute.generate(request, ctx)
             return generation.text, hits
 
-        if req.temperature == 0:  # deterministic: one answer per namespace version
+        if deterministic:
             payload = [
                 normalise_text(req.query),
                 req.top_k,
