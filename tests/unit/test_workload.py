@@ -108,6 +108,18 @@ def test_memories_of_a_run_follow_its_streams_and_indices():
     assert answer_memories(7, outcomes) == {(7, 1): ("x", "y")}
 
 
+def test_a_runs_memories_line_up_with_the_requests_replayed():
+    spec = WorkloadSpec(mix={"answer": 1.0})
+    memories = {(10, i): (f"m{i}",) for i in range(40)}  # the measured stream's answers only
+    best = best_hit_rates_of_run(spec, [(10, 40)], 1000, warm_up=[(9, 30)], memories=memories)
+    aligned = [None] * 30 + [(f"m{i}",) for i in range(40)]
+    expected = best_hit_rates(
+        Trace.replay(spec, [(10, 40)]), 1000, Trace.replay(spec, [(9, 30)]), aligned
+    )
+    assert best == expected
+    assert best["generation"]["lookups"] == round(40 * (1 - best["answer"]["best_hit_rate"]))
+
+
 def test_warm_up_is_replayed_but_not_counted():
     best = best_hit_rates([embed("a"), embed("b")], capacity=1000, warm_up=[embed("a")])
     assert best["embedding"] == {"lookups": 2, "distinct": 2, "best_hit_rate": 0.5}
