@@ -176,8 +176,9 @@ class ComputeGraph:
         cacheable: bool = False,
         namespace: str | None = None,
     ) -> Generation:
-        """A chat completion. `cacheable`: the output is a function of the request
-        (temperature 0 or a seed); `namespace`: the one whose memories the prompt holds."""
+        """A generation, cached as a chat completion when `cacheable` (the output is a
+        function of the request: temperature 0 or a seed); `namespace`: the one whose
+        memories the prompt holds."""
         if not (cacheable and self.config.cache.cache_chat):
             return await self.down.generate(request, ctx)
         return await self._generate_cached(Kind.CHAT, request, namespace, ctx)
