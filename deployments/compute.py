@@ -9,6 +9,7 @@ call goes straight to the downstreams.
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -196,6 +197,7 @@ class ComputeGraph:
     ) -> Generation:
         payload = [
             request.messages,
+            dataclasses.asdict(request.context) if request.context else None,
             request.max_tokens,
             request.temperature,
             request.top_p,

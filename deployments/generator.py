@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator
+from typing import Any
 
 from ray import serve
 
 from deployments.replica import DOWNSTREAM_LOGGING, identity, max_ongoing_requests
 from mneme.config import GeneratorConfig
+from mneme.errors import ContextLengthExceeded, InvalidRequest
 from mneme.records import Generation, GenerationDelta, GenerationRequest
 from mneme.stats import Occupancy
 
@@ -63,18 +65,54 @@ class Generator:
             **(executor | config.engine_kwargs),
         )
         self._engine = AsyncLLM.from_engine_args(args)
+        self._max_model_len = self._engine.vllm_config.model_config.max_model_len
         self._requests = 0
         self._completion_tokens = 0
         self._occupancy = Occupancy()
 
-    async def _render(self, request: GenerationRequest):
+    async def _render(self, messages: list[tuple[str, str]]):
+        """The engine input of a conversation (chat template applied, tokenized)."""
+        from vllm.exceptions import VLLMValidationError
         from vllm.renderers.params import ChatParams
 
-        messages = [{"role": role, "content": content} for role, content in request.messages]
-        _, (engine_input,) = await self._engine.renderer.render_chat_async(
-            [messages], ChatParams(chat_template_kwargs={"add_generation_prompt": True})
-        )
+        conversation = [{"role": role, "content": content} for role, content in messages]
+        try:
+            _, (engine_input,) = await self._engine.renderer.render_chat_async(
+                [conversation], ChatParams(chat_template_kwargs={"add_generation_prompt": True})
+            )
+        except VLLMValidationError as exc:
+            if exc.parameter == "input_tokens":
+                raise ContextLengthExceeded(str(exc), param="messages") from None
+            raise InvalidRequest(str(exc), param=exc.parameter) from None
         return engine_input
+
+    async def _prompt(self, request: GenerationRequest) -> tuple[Any, int | None]:
+        """The engine input and how many of the context's memories it holds: the best-ranked
+        that leave room for `max_tokens` of output (at most half the model's context)."""
+        if request.context is None:
+            return await self._render(request.conversation()), None
+        room = self._max_model_len - min(request.max_tokens, self._max_model_len // 2)
+
+        async def within_room(count: int):
+            try:
+                prompt = await self._render(request.conversation(count))
+            except ContextLengthExceeded:
+                return None
+            return prompt if len(prompt["prompt_token_ids"]) <= room else None
+
+        everything = len(request.context.memories)
+        if (prompt := await within_room(everything)) is not None:
+            return prompt, everything
+        fitted, low, high = None, 0, everything - 1  # the most memories within room
+        while low <= high:
+            middle = (low + high) // 2
+            if (candidate := await within_room(middle)) is not None:
+                fitted, low = (candidate, middle), middle + 1
+            else:
+                high = middle - 1
+        if fitted is None:  # no memory fits; the conversation alone may (or is a 400)
+            return await self._render(request.conversation(0)), 0
+        return fitted
 
     def _sampling(self, request: GenerationRequest):
         from vllm.sampling_params import RequestOutputKind, SamplingParams
@@ -92,7 +130,11 @@ class Generator:
 
     async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
         """Yields text deltas; the last one carries the finish reason and token counts."""
-        prompt = await self._render(request)
+        prompt, _ = await self._prompt(request)
+        async for delta in self._deltas(request, prompt):
+            yield delta
+
+    async def _deltas(self, request: GenerationRequest, prompt) -> AsyncIterator[GenerationDelta]:
         sampling = self._sampling(request)
         completion_tokens = 0
         self._requests += 1
@@ -114,12 +156,17 @@ class Generator:
             self._completion_tokens += completion_tokens
 
     async def generate(self, request: GenerationRequest) -> Generation:
+        prompt, memories_used = await self._prompt(request)
         text, last = [], GenerationDelta("")
-        async for delta in self.generate_stream(request):
+        async for delta in self._deltas(request, prompt):
             text.append(delta.text)
             last = delta
         return Generation(
-            "".join(text), last.finish_reason, last.prompt_tokens, last.completion_tokens
+            "".join(text),
+            last.finish_reason,
+            last.prompt_tokens,
+            last.completion_tokens,
+            memories_used,
         )
 
     async def check_health(self) -> None:

@@ -10,14 +10,17 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import TypeVar
 
 from cache.keys import Kind, namespaced_key, normalise_text
 from deployments.compute import ComputeGraph
 from mneme import protocol as p
 from mneme.config import MnemeConfig
-from mneme.errors import InvalidRequest, MnemeError, NotFound
+from mneme.errors import ContextLengthExceeded, InvalidRequest, MnemeError, NotFound
 from mneme.priority import RequestContext
-from mneme.records import GenerationRequest, NewMemory, SearchHit
+from mneme.records import GenerationRequest, MemoryContext, NewMemory, SearchHit
+
+T = TypeVar("T")
 
 
 def new_id(prefix: str = "") -> str:
@@ -136,10 +139,8 @@ class MnemeService:
         return p.MemoryList(data=data, next_cursor=page.next_cursor)
 
     # ------------------------------------------------------------ generation
-    def _memory_prompt(self, hits: list[SearchHit]) -> str:
-        lines = [self.config.answer_system_prompt, "", "Memories:"]
-        lines += [f"- {h.text}" for h in hits] or ["- (none)"]
-        return "\n".join(lines)
+    def _memory_context(self, hits: list[SearchHit]) -> MemoryContext:
+        return MemoryContext(self.config.answer_system_prompt, tuple(h.text for h in hits))
 
     def _max_tokens(self, requested: int | None) -> int:
         return requested or self.config.generator.default_max_tokens
@@ -153,16 +154,20 @@ class MnemeService:
             hits = await self._retrieve(req.namespace, req.query, req.top_k, req.filter, ctx)
             request = GenerationRequest(
                 request_id=new_id("answer-"),
-                messages=[("system", self._memory_prompt(hits)), ("user", req.query)],
+                messages=[("user", req.query)],
                 max_tokens=self._max_tokens(req.max_tokens),
                 temperature=req.temperature,
                 priority=int(ctx.priority),
+                context=self._memory_context(hits),
             )
-            if deterministic:
-                generation = await self.compute.generate_answer(request, req.namespace, ctx)
-            else:
-                generation = await self.compute.generate(request, ctx)
-            return generation.text, hits
+            try:
+                if deterministic:
+                    generation = await self.compute.generate_answer(request, req.namespace, ctx)
+                else:
+                    generation = await self.compute.generate(request, ctx)
+            except ContextLengthExceeded as exc:  # the query alone is longer than the context
+                raise ContextLengthExceeded(exc.message, param="query") from None
+            return generation.text, hits[: generation.memories_used]  # the ones it was given
 
         if deterministic:
             payload = [
@@ -192,13 +197,14 @@ class MnemeService:
         req.check_limits(self.limits)
         self._check_model(req.model, self.chat_model)
         messages = [(m.role, m.text()) for m in req.messages]
+        context = None
         if req.memory is not None:
             query = next((text for role, text in reversed(messages) if role == "user"), None)
             if query is None or not query.strip():
                 raise InvalidRequest("memory retrieval needs a user message", param="messages")
             mem = req.memory
             hits = await self._retrieve(mem.namespace, query, mem.top_k, mem.filter, ctx)
-            messages.insert(0, ("system", self._memory_prompt(hits)))
+            context = self._memory_context(hits)
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         return GenerationRequest(
             request_id=request_id,
@@ -211,6 +217,7 @@ class MnemeService:
             presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty,
             priority=int(ctx.priority),
+            context=context,
         )
 
     async def chat(
@@ -242,9 +249,12 @@ class MnemeService:
     async def chat_stream(
         self, req: p.ChatCompletionRequest, ctx: RequestContext
     ) -> AsyncIterator[str]:
-        """Server-sent events. Validation and retrieval run before the first byte is sent."""
+        """Server-sent events. Validation, retrieval and the prompt's rendering run before the
+        first byte is sent: until the first delta arrives an error is still a status code."""
         request_id = new_id("chatcmpl-")
         generation_request = await self._generation_request(req, ctx, request_id)
+        stream = self.compute.generate_stream(generation_request, ctx)
+        first = await anext(stream, None)
         created = int(time.time())
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
@@ -262,7 +272,7 @@ class MnemeService:
             yield chunk(p.ChatDelta(role="assistant", content=""))
             prompt_tokens = completion_tokens = 0
             try:
-                async for delta in self.compute.generate_stream(generation_request, ctx):
+                async for delta in _prepend(first, stream):
                     prompt_tokens = delta.prompt_tokens or prompt_tokens
                     completion_tokens = delta.completion_tokens or completion_tokens
                     if delta.text or delta.finish_reason:
@@ -280,6 +290,13 @@ class MnemeService:
             yield "data: [DONE]\n\n"
 
         return events()
+
+
+async def _prepend(first: T | None, rest: AsyncIterator[T]) -> AsyncIterator[T]:
+    if first is not None:
+        yield first
+    async for item in rest:
+        yield item
 
 
 def _error_body(exc: Exception) -> dict:

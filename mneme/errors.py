@@ -38,6 +38,12 @@ class InvalidRequest(MnemeError):
     code = "invalid_value"
 
 
+class ContextLengthExceeded(InvalidRequest):
+    """A prompt longer than the model's context, even without any output tokens."""
+
+    code = "context_length_exceeded"
+
+
 class PayloadTooLarge(InvalidRequest):
     status_code = 413
     code = "request_too_large"

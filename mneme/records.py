@@ -78,6 +78,21 @@ class MemoryPage:
 
 
 @dataclass(frozen=True)
+class MemoryContext:
+    """Retrieved memories for a prompt, best first, and the instructions they follow. The
+    Generator puts as many of them as fit its model's context in a system message."""
+
+    instructions: str
+    memories: tuple[str, ...]
+
+    def system_message(self, count: int) -> tuple[str, str]:
+        """The system message holding the best `count` memories."""
+        lines = [self.instructions, "", "Memories:"]
+        lines += [f"- {text}" for text in self.memories[:count]] or ["- (none)"]
+        return ("system", "\n".join(lines))
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     request_id: str
     messages: list[tuple[str, str]]  # (role, content)
@@ -89,6 +104,14 @@ class GenerationRequest:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     priority: int = 2
+    context: MemoryContext | None = None  # put before `messages`, as many memories as fit
+
+    def conversation(self, memories: int | None = None) -> list[tuple[str, str]]:
+        """The messages the model sees, with the best `memories` of the context (all: None)."""
+        if self.context is None:
+            return list(self.messages)
+        count = len(self.context.memories) if memories is None else memories
+        return [self.context.system_message(count), *self.messages]
 
 
 @dataclass(frozen=True)
@@ -97,6 +120,7 @@ class Generation:
     finish_reason: str | None
     prompt_tokens: int
     completion_tokens: int
+    memories_used: int | None = None  # of the request's context (None: it had none)
 
 
 @dataclass(frozen=True)

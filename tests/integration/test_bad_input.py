@@ -136,6 +136,36 @@ def test_bad_requests_name_the_field(http, seeded, path, body, param):
     assert snapshot(http) == before
 
 
+# 8,000 characters, about 4,600 tokens: within the text limit, not within the model's 512
+OVER_CONTEXT = " ".join(f"w{i}" for i in range(1400))[:8000]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": OVER_CONTEXT}]},
+            "messages",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": OVER_CONTEXT}], "stream": True},
+            "messages",
+        ),
+        ("/v1/answer", {"namespace": SPACE, "query": OVER_CONTEXT}, "query"),
+    ],
+    ids=["chat", "chat-stream", "answer"],
+)
+def test_a_prompt_longer_than_the_context_is_400_before_any_byte(http, seeded, path, body, param):
+    before = snapshot(http)
+    r = post_json(http, path, body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+    assert r.json()["error"]["code"] == "context_length_exceeded"
+    assert snapshot(http) == before
+
+
 def test_malformed_json_is_400(http, seeded):
     before = snapshot(http)
     r = http.post(

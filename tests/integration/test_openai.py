@@ -157,3 +157,31 @@ def test_raw_sse_format(http):
     first = json.loads(lines[0].removeprefix("data: "))
     assert first["object"] == "chat.completion.chunk"
     assert first["choices"][0]["delta"]["role"] == "assistant"
+
+
+def test_an_answer_is_given_the_best_memories_that_fit_the_context(client, http):
+    """The tiny model's context is 512 tokens: each long note (about 250 tokens) fits on its
+    own with room for the answer, not beside another one."""
+    space = f"fit-{uuid.uuid4().hex[:8]}"
+    notes = [
+        {"id": name, "text": f"note {name}: " + " ".join(f"{name}{i}" for i in range(120))}
+        for name in ("a", "b", "c")
+    ]
+    added = http.post(
+        "/v1/memories", json={"namespace": space, "items": [*notes, {"text": "a short note"}]}
+    )
+    assert added.status_code == 200, added.text
+    query = {"namespace": space, "query": "note", "top_k": 4}
+    ranked = [h["id"] for h in http.post("/v1/memories/search", json=query).json()["hits"]]
+    r = http.post("/v1/answer", json={**query, "max_tokens": 8})
+    assert r.status_code == 200, r.text
+    used = [m["id"] for m in r.json()["memories"]]
+    assert 1 <= len(used) < 4 and used == ranked[: len(used)]  # the best ones, in order
+    chat = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "note"}],
+        max_tokens=8,
+        extra_body={"memory": {"namespace": space, "top_k": 4}},
+    )
+    assert chat.usage.prompt_tokens + 8 <= 512
+    assert chat.usage.prompt_tokens > 250  # a long note went in
