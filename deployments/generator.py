@@ -81,9 +81,7 @@ class Generator:
                 [conversation], ChatParams(chat_template_kwargs={"add_generation_prompt": True})
             )
         except VLLMValidationError as exc:
-            if exc.parameter == "input_tokens":
-                raise ContextLengthExceeded(str(exc), param="messages") from None
-            raise InvalidRequest(str(exc), param=exc.parameter) from None
+            raise _invalid(exc) from None
         return engine_input
 
     async def _prompt(self, request: GenerationRequest) -> tuple[Any, int | None]:
@@ -135,7 +133,12 @@ class Generator:
             yield delta
 
     async def _deltas(self, request: GenerationRequest, prompt) -> AsyncIterator[GenerationDelta]:
-        sampling = self._sampling(request)
+        from vllm.exceptions import VLLMValidationError
+
+        try:
+            sampling = self._sampling(request)
+        except VLLMValidationError as exc:
+            raise _invalid(exc) from None
         completion_tokens = 0
         self._requests += 1
         self._occupancy.enter()
@@ -188,3 +191,10 @@ class Generator:
         engine = getattr(self, "_engine", None)
         if engine is not None:
             engine.shutdown()
+
+
+def _invalid(exc) -> InvalidRequest:
+    """vLLM's rejection of a request (a `VLLMValidationError`) as the 400 it is."""
+    if exc.parameter == "input_tokens":
+        return ContextLengthExceeded(str(exc), param="messages")
+    return InvalidRequest(str(exc), param=exc.parameter)

@@ -128,7 +128,7 @@ class MnemeService:
             raise InvalidRequest("limit must be in [1, 1000]", param="limit")
         after = None
         if cursor:
-            if not cursor.isdigit():
+            if not (cursor.isascii() and cursor.isdigit() and len(cursor) <= 18):
                 raise InvalidRequest("cursor is not one this service returned", param="cursor")
             after = int(cursor)
         page = await self.compute.page(namespace, limit, after, ctx)

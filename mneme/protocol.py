@@ -8,6 +8,7 @@ items per call, top_k) by `check_limits`, which names the offending field.
 from __future__ import annotations
 
 import json
+import math
 import time
 from typing import Annotated, Any, Literal
 
@@ -68,8 +69,33 @@ def _check_top_k(top_k: int, param: str, limits: LimitsConfig) -> None:
         raise InvalidRequest(f"top_k must be in [1, {limits.max_top_k}]", param=param)
 
 
+MAX_METADATA_DEPTH = 32
+MAX_STOP_SEQUENCES = 4  # as OpenAI's API
+SEED_RANGE = (-(2**63), 2**63 - 1)
+
+
+def _metadata_problem(metadata: dict[str, Any]) -> str | None:
+    """Why `metadata` (or a filter) could be stored but not returned as JSON, or None."""
+    stack: list[tuple[Any, int]] = [(metadata, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_METADATA_DEPTH:
+            return f"metadata must not nest deeper than {MAX_METADATA_DEPTH} levels"
+        if isinstance(value, dict):
+            stack += [(key, depth) for key in value] + [(v, depth + 1) for v in value.values()]
+        elif isinstance(value, list):
+            stack += [(v, depth + 1) for v in value]
+        elif isinstance(value, float) and not math.isfinite(value):
+            return "metadata must not hold NaN or Infinity (JSON has neither)"
+        elif isinstance(value, str) and _encoding_problem(value.replace("\x00", "")):
+            return "metadata strings must be valid unicode (no lone surrogates)"
+    return None
+
+
 def _check_metadata(metadata: dict[str, Any], param: str, limits: LimitsConfig) -> None:
-    size = len(json.dumps(metadata, ensure_ascii=False).encode("utf-8", "surrogatepass"))
+    if problem := _metadata_problem(metadata):
+        raise InvalidRequest(problem, param=param)
+    size = len(json.dumps(metadata, ensure_ascii=False).encode("utf-8"))
     if size > limits.max_metadata_bytes:
         raise InvalidRequest(
             f"metadata is {size} bytes as JSON; the limit is {limits.max_metadata_bytes}",
@@ -165,6 +191,8 @@ class AnswerRequest(ApiModel):
         _check_text(self.query, "query", limits)
         _check_top_k(self.top_k, "top_k", limits)
         _check_max_tokens(self.max_tokens, "max_tokens", limits)
+        if self.filter is not None:
+            _check_metadata(self.filter, "filter", limits)
 
 
 class AnswerResponse(ResponseModel):
@@ -300,6 +328,24 @@ class ChatCompletionRequest(ApiModel):
         _check_max_tokens(self.max_completion_tokens, "max_completion_tokens", limits)
         if self.memory is not None:
             _check_top_k(self.memory.top_k, "memory.top_k", limits)
+            if self.memory.filter is not None:
+                _check_metadata(self.memory.filter, "memory.filter", limits)
+        self._check_stop(limits)
+        if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise InvalidRequest("seed must be a 64-bit signed integer", param="seed")
+
+    def _check_stop(self, limits: LimitsConfig) -> None:
+        if self.stop is None or isinstance(self.stop, str):
+            stops = {"stop": self.stop} if self.stop is not None else {}
+        else:
+            _check_count(len(self.stop), MAX_STOP_SEQUENCES, "stop sequences", "stop")
+            stops = {f"stop[{i}]": text for i, text in enumerate(self.stop)}
+        for param, text in stops.items():
+            if not text:
+                raise InvalidRequest("a stop sequence must not be empty", param=param)
+            if problem := _encoding_problem(text):
+                raise InvalidRequest(problem, param=param)
+            _check_text(text, param, limits)
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens

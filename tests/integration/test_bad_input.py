@@ -46,6 +46,12 @@ def post_json(http, path: str, body: dict):
     return http.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
 
 
+NAN = float("nan")  # json.dumps writes NaN, which the ingress's JSON parser accepts
+DEEP: dict = {}
+for _ in range(40):
+    DEEP = {"a": DEEP}
+
+
 def item(**kw):
     return {"text": "ok", **kw}
 
@@ -67,6 +73,10 @@ BAD_ADDS = [
     ({"namespace": SPACE, "items": [item(id="a/b")]}, 400, "items[0].id"),
     ({"namespace": SPACE, "items": [item(id="d"), item(id="d")]}, 400, "items[1].id"),
     ({"namespace": SPACE, "items": [item(metadata=[1, 2])]}, 400, "items[0].metadata"),
+    # stored, these could never be returned as JSON again (every read of them a 500)
+    ({"namespace": SPACE, "items": [item(metadata={"v": "\ud800"})]}, 400, "items[0].metadata"),
+    ({"namespace": SPACE, "items": [item(metadata={"v": NAN})]}, 400, "items[0].metadata"),
+    ({"namespace": SPACE, "items": [item(metadata=DEEP)]}, 400, "items[0].metadata"),
     ({"namespace": SPACE, "items": [item(unknown=1)]}, 400, "items[0].unknown"),
     ({"namespace": SPACE, "items": [item()], "priority": "urgent"}, 400, "priority"),
 ]
@@ -116,6 +126,28 @@ BAD_OTHER = [
         {"messages": [{"role": "user", "content": "x"}], "temperature": 9},
         "temperature",
     ),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "x"}], "stop": [""]},
+        "stop[0]",
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "x"}], "stop": "\udc00"},
+        "stop",
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "x"}], "stop": ["s"] * 5},
+        "stop",
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "x"}], "seed": 2**64},
+        "seed",
+    ),
+    ("/v1/answer", {"namespace": SPACE, "query": "x", "filter": {"v": NAN}}, "filter"),
+    ("/v1/memories/search", {"namespace": SPACE, "query": "x", "filter": {"\ud800": 1}}, "filter"),
     (
         "/v1/chat/completions",
         {
@@ -192,8 +224,9 @@ def test_bad_deadline_header_is_400(http, seeded):
 
 def test_bad_paging_and_lookup_parameters(http, seeded):
     assert http.get("/v1/memories", params={"namespace": SPACE, "limit": 0}).status_code == 400
-    r = http.get("/v1/memories", params={"namespace": SPACE, "cursor": "abc"})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "cursor"
+    for cursor in ("abc", "²", "9" * 5000):  # digits int() refuses, or too many for it
+        r = http.get("/v1/memories", params={"namespace": SPACE, "cursor": cursor})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "cursor"
     r = http.get("/v1/memories")
     assert r.status_code == 400 and r.json()["error"]["param"] == "namespace"
     r = http.get("/v1/memories/keep-1", params={"namespace": "bad ns"})
