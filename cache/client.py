@@ -75,18 +75,20 @@ class CacheClient:
             ).remote(config, i)
             for i in range(config.shards)
         ]
+        self._background: set[asyncio.Future] = set()  # releases of claims nobody took up
         # Concurrent requests' lookups (and stores) to one shard go as one actor call.
         self._lookups: list[Coalescer] | None = None
         self._stores: list[Coalescer] | None = None
         if router.coalesce:
             self._lookups = [
                 Coalescer(
-                    lambda requests, s=shard: self._call(s.lookup.remote(requests)),
+                    lambda requests, i=i: self._claiming_lookup(i, requests),
                     split=split_lookup,
                     max_in_flight=router.coalesce_max_in_flight,
                     max_items=router.coalesce_max_items,
+                    orphaned=lambda part, i=i: self._release(i, part.owned),
                 )
-                for shard in self.shards
+                for i in range(len(self.shards))
             ]
             self._stores = [
                 Coalescer(
@@ -110,9 +112,15 @@ class CacheClient:
         return await asyncio.wait_for(_awaited(ref), timeout_s or self.config.actor_timeout_s)
 
     async def get_or_compute(
-        self, requests: Sequence[KeyRequest], compute: Compute, tiers: list[str] | None = None
+        self,
+        requests: Sequence[KeyRequest],
+        compute: Compute,
+        tiers: list[str] | None = None,
+        wait_s: float | None = None,
     ) -> list[bytes]:
-        """Values for `requests`, in order; `compute(indices)` is called for owned misses."""
+        """Values for `requests`, in order; `compute(indices)` is called for owned misses,
+        and for joined ones whose owner has not delivered within `wait_s` (the request's
+        time left) or `single_flight_wait_s`, whichever is shorter."""
         by_shard: dict[int, list[int]] = defaultdict(list)
         for i, request in enumerate(requests):
             by_shard[self._shard_of(request)].append(i)
@@ -122,9 +130,17 @@ class CacheClient:
         pending: dict[int, dict[str, int]] = defaultdict(dict)  # shard -> key -> index
         duplicates: list[tuple[int, int]] = []  # (index, index of the same key's first use)
         to_compute: list[int] = []
-        lookups = await asyncio.gather(
-            *(self._lookup(s, [requests[i] for i in idx]) for s, idx in by_shard.items())
-        )
+        tasks = [
+            asyncio.ensure_future(self._lookup(s, [requests[i] for i in idx]))
+            for s, idx in by_shard.items()
+        ]
+        try:
+            lookups = await asyncio.gather(*tasks)
+        except BaseException:  # cancelled: what the finished lookups claimed is nobody's
+            for shard, task in zip(by_shard, tasks, strict=True):
+                if task.done() and not task.cancelled() and task.exception() is None:
+                    self._release(shard, task.result().owned if task.result() else [])
+            raise
         for (shard, indices), lookup in zip(by_shard.items(), lookups, strict=True):
             if lookup is None:  # cache unreachable: compute everything of this shard
                 to_compute += indices
@@ -143,8 +159,15 @@ class CacheClient:
                     owned.append((shard, key, i))
                     to_compute.append(i)
         await self._compute_into(requests, compute, to_compute, owned, values)
-        for shard, keys in pending.items():
-            await self._collect(shard, keys, compute, values)
+        if pending:
+            wait = self.config.single_flight_wait_s
+            wait = wait if wait_s is None else max(0.0, min(wait, wait_s))
+            await asyncio.gather(
+                *(
+                    self._collect(shard, keys, compute, values, wait)
+                    for shard, keys in pending.items()
+                )
+            )
         for i, first in duplicates:
             values[i], labels[i] = values[first], labels[first]
         if tiers is not None:
@@ -155,10 +178,34 @@ class CacheClient:
         try:
             if self._lookups is not None:
                 return await self._lookups[shard].submit(requests)
-            return await self._call(self.shards[shard].lookup.remote(requests))
+            return await self._claiming_lookup(shard, requests)
         except Exception as exc:
             logger.warning("cache shard %d lookup failed (%r): computing instead", shard, exc)
             return None
+
+    async def _claiming_lookup(self, shard: int, requests: list[KeyRequest]) -> Lookup:
+        """One lookup call. If its answer never reaches the caller (a timeout, a cancelled
+        request), the misses it claimed are released once it arrives: otherwise whoever
+        joined them would wait `single_flight_wait_s` for an owner that is gone."""
+        ref = self.shards[shard].lookup.remote(requests)
+        try:
+            return await self._call(ref)
+        except BaseException:
+            task = asyncio.ensure_future(self._release_when_answered(shard, ref))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            raise
+
+    async def _release_when_answered(self, shard: int, ref: Any) -> None:
+        try:
+            lookup = await self._call(ref, self.config.single_flight_wait_s)
+        except Exception:  # no answer: its claims lapse after single_flight_wait_s
+            return
+        self._release(shard, lookup.owned)
+
+    def _release(self, shard: int, keys: list[str]) -> None:
+        if keys:
+            self.shards[shard].release.remote(keys)
 
     async def _compute_into(self, requests, compute, indices, owned, values) -> None:
         if not indices:
@@ -167,7 +214,7 @@ class CacheClient:
             computed = await compute(indices)
         except BaseException:
             for shard, key, _ in owned:
-                self.shards[shard].release.remote([key])
+                self._release(shard, [key])
             raise
         for i, value in zip(indices, computed, strict=True):
             values[i] = value
@@ -180,12 +227,14 @@ class CacheClient:
             else:
                 self.shards[shard].store.remote(entries)
 
-    async def _collect(self, shard: int, keys: dict[str, int], compute: Compute, values) -> None:
+    async def _collect(
+        self, shard: int, keys: dict[str, int], compute: Compute, values, wait_s: float
+    ) -> None:
         """Values other callers are computing; compute here what they fail to deliver."""
         known: dict[str, bytes] = {}
         try:
-            ref = self.shards[shard].await_keys.remote(list(keys), self.config.single_flight_wait_s)
-            known = await self._call(ref, self.config.single_flight_wait_s + 1.0)
+            ref = self.shards[shard].await_keys.remote(list(keys), wait_s)
+            known = await self._call(ref, wait_s + 1.0)
         except Exception as exc:
             logger.warning("waiting for joined misses failed (%r): computing", exc)
         missing = [key for key in keys if key not in known]

@@ -73,7 +73,9 @@ class ComputeGraph:
         async def compute(_: list[int]) -> list[bytes]:
             return [_dumps(await produce())]
 
-        [value] = await self.cache.get_or_compute([key], compute, self._tiers(ctx))
+        [value] = await self.cache.get_or_compute(
+            [key], compute, self._tiers(ctx), ctx.remaining_s()
+        )
         return pickle.loads(value)
 
     async def semantic(
@@ -113,7 +115,7 @@ class ComputeGraph:
             ]
 
         keys = [embedding_key(self.embedding_model, text) for text in texts]
-        values = await self.cache.get_or_compute(keys, compute, self._tiers(ctx))
+        values = await self.cache.get_or_compute(keys, compute, self._tiers(ctx), ctx.remaining_s())
         pairs = [pickle.loads(v) for v in values]
         return Embeddings(
             np.stack([p[0] for p in pairs]).astype(np.float32), [int(p[1]) for p in pairs]

@@ -36,9 +36,13 @@ class Coalescer:
         split: Split = split_list,
         max_in_flight: int = 1,
         max_items: int = 256,
+        orphaned: Callable[[Any], None] | None = None,
     ):
+        """`orphaned(part)`: what to do with a part whose caller gave up while the merged
+        call ran (release what the call claimed for it, say); by default it is dropped."""
         self._call = call
         self._split = split
+        self._orphaned = orphaned
         self.max_in_flight = max_in_flight
         self.max_items = max_items
         self._pending: deque[tuple[list[Any], asyncio.Future]] = deque()
@@ -92,6 +96,8 @@ class Coalescer:
             for (_, future), part in zip(batch, parts, strict=True):
                 if not future.done():
                     future.set_result(part)
+                elif self._orphaned is not None:
+                    self._orphaned(part)
         finally:
             self.in_flight -= 1
             if self._pending and self.in_flight < self.max_in_flight:

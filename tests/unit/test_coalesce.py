@@ -7,8 +7,10 @@ import asyncio
 import pytest
 
 from cache.client import split_lookup
-from cache.shard import Lookup
+from cache.keys import embedding_key
+from cache.shard import CacheShard, Lookup
 from mneme.coalesce import Coalescer, fire_and_forget
+from mneme.config import CacheConfig
 
 
 class GatedCall:
@@ -120,3 +122,42 @@ def test_split_lookup_gives_a_shared_miss_to_its_first_asker_only():
     assert (second.keys, second.owned, second.pending) == (["a", "c"], [], ["a"])
     assert second.found["c"] == (b"v", "hit-l1")
     assert (third.keys, third.owned, third.pending) == (["b"], [], ["b"])
+
+
+def test_a_claim_made_for_a_caller_that_gave_up_is_released():
+    """A merged lookup claims a miss for the first caller asking for it; if that caller is
+    gone when the answer comes, its claim goes to `orphaned`, or the callers who joined
+    the miss would wait `single_flight_wait_s` for an owner that never computes it."""
+
+    async def scenario():
+        shard = CacheShard(CacheConfig())
+        gates = [asyncio.Event(), asyncio.Event()]  # one per merged call, opened in turn
+        calls = 0
+
+        async def lookup(requests):
+            nonlocal calls
+            gate, calls = gates[calls], calls + 1
+            await gate.wait()
+            return await shard.lookup(requests)
+
+        released: list[str] = []
+
+        def orphaned(part: Lookup) -> None:
+            released.extend(part.owned)
+            shard.release(part.owned)
+
+        merger = Coalescer(lookup, split=split_lookup, max_in_flight=1, orphaned=orphaned)
+        key = embedding_key("model", "hello")
+        busy = merger.submit([embedding_key("model", "other")])
+        owner, joiner = merger.submit([key]), merger.submit([key])  # merged: one call
+        gates[0].set()
+        await busy
+        await asyncio.sleep(0)  # the merged lookup is in flight
+        owner.cancel()  # its request is gone (client disconnected)
+        gates[1].set()
+        joined = await joiner
+        full_key = shard.full_key(key)
+        assert joined.pending == [full_key] and released == [full_key]
+        assert (await shard.lookup([key])).owned == [full_key]  # free to claim, not joined
+
+    asyncio.run(scenario())

@@ -1,0 +1,89 @@
+"""The Router's cache client: claims it made are never left to lapse, joins honour deadlines."""
+
+from __future__ import annotations
+
+import asyncio
+
+from cache.client import CacheClient
+from cache.keys import embedding_key
+from cache.shard import CacheShard
+from mneme.config import CacheConfig
+
+
+class FakeShardHandle:
+    """A fake Ray actor handle around a real `CacheShard` in this process: the client's logic
+    without Ray, and a fault Ray will not produce on demand (a lookup that answers, claiming
+    its misses as the real shard does, only after the caller gave up)."""
+
+    def __init__(self, shard: CacheShard, lookup_delay_s: float = 0.0):
+        self.shard, self.lookup_delay_s = shard, lookup_delay_s
+        self.released: list[str] = []
+        self.lookup = self._method(self._lookup)
+        self.release = self._method(self._release)
+        self.await_keys = self._method(shard.await_keys)
+
+    @staticmethod
+    def _method(function):
+        class Ref:  # like Ray's ObjectRef: cancelling one await of it leaves the call running
+            def __init__(self, call: asyncio.Future):
+                self.call = call
+
+            def __await__(self):
+                return asyncio.shield(self.call).__await__()
+
+        class Method:
+            @staticmethod
+            def remote(*args):
+                return Ref(asyncio.ensure_future(function(*args)))
+
+        return Method
+
+    async def _lookup(self, requests):
+        await asyncio.sleep(self.lookup_delay_s)
+        return await self.shard.lookup(requests)
+
+    async def _release(self, keys):
+        self.released += keys
+        self.shard.release(keys)
+
+
+def client_of(config: CacheConfig, handle: FakeShardHandle) -> CacheClient:
+    client = CacheClient.__new__(CacheClient)  # no Ray: its one shard is `handle`
+    client.config, client.shards, client._background = config, [handle], set()
+    client._lookups = client._stores = None
+    return client
+
+
+def test_a_lookup_that_answers_after_its_timeout_has_its_claims_released():
+    async def scenario():
+        config = CacheConfig(actor_timeout_s=0.05)
+        late = FakeShardHandle(CacheShard(config), lookup_delay_s=0.2)
+        key = embedding_key("model", "hello")
+        assert await client_of(config, late)._lookup(0, [key]) is None  # timed out: no claim
+        await asyncio.sleep(0.3)  # the late answer arrives, with its claim
+        assert late.released == [late.shard.full_key(key)]
+        assert (await late.shard.lookup([key])).owned == late.released  # nobody waits on it
+
+    asyncio.run(scenario())
+
+
+def test_a_joined_miss_is_waited_for_no_longer_than_the_request_has_left():
+    """single_flight_wait_s is 30 s; a request with 0.1 s left computes the value itself."""
+
+    async def scenario():
+        config = CacheConfig()
+        handle = FakeShardHandle(CacheShard(config))
+        key = embedding_key("model", "slow to compute")
+        assert (await handle.shard.lookup([key])).owned  # another request owns it, slowly
+        computed = []
+
+        async def compute(indices: list[int]) -> list[bytes]:
+            computed.append(indices)
+            return [b"computed here"]
+
+        client = client_of(config, handle)
+        joined = client.get_or_compute([key], compute, wait_s=0.1)
+        assert await asyncio.wait_for(joined, 5.0) == [b"computed here"]
+        assert computed == [[0]]
+
+    asyncio.run(scenario())
