@@ -22,6 +22,7 @@ from deployments.serving import MnemeService
 from mneme import protocol as p
 from mneme.auth import KeyRing, Principal
 from mneme.config import NAMESPACE_PATTERN, MnemeConfig, parse_router_user_config
+from mneme.errors import Forbidden
 from mneme.priority import Priority, RequestContext, parse_deadline_ms
 from mneme.shared_result import SharedResult
 from mneme.stats import LatencyBook
@@ -35,6 +36,19 @@ PriorityHeader = Annotated[str | None, Header(alias="X-Priority")]
 DeadlineHeader = Annotated[str | None, Header(alias="X-Deadline-Ms")]
 NamespaceQuery = Annotated[str, Query(pattern=NAMESPACE_PATTERN)]
 HEALTH_MAX_AGE_S = 1.0  # /healthz reuses a check this young (it is public)
+
+
+# Above the Router: `serve.ingress` pickles its routes, with the names they use, as the class
+# is defined.
+def _check_sees_everything(caller: Principal | None) -> None:
+    """The stats count every namespace's cache hits: a key held to some namespaces could
+    learn from them what another namespace stored or asked (as it could from X-Cache)."""
+    if caller is not None and not caller.sees_every_namespace:
+        raise Forbidden(
+            f"API key {caller.name!r} may not read the stats: they count every namespace's "
+            "cache hits; use a key allowed every namespace ('*')",
+            code="stats_forbidden",
+        )
 
 
 @serve.deployment(
@@ -265,7 +279,16 @@ class Router:
         return out
 
     @app.get("/v1/stats")
-    async def stats(self) -> dict:
+    async def stats(self, caller: Caller) -> dict:
+        _check_sees_everything(caller)
+        return await self._stats()
+
+    @app.get("/metrics")
+    async def metrics(self, caller: Caller) -> Response:
+        _check_sees_everything(caller)
+        return PlainTextResponse(to_prometheus(await self._stats()))
+
+    async def _stats(self) -> dict:
         router = {
             "latency": self.latency.summary(),
             "coalesced": self.coalesced(),
@@ -275,7 +298,3 @@ class Router:
         out["cache"] = await self.cache.stats() if self.cache is not None else None
         out["scheduler"] = {key: s.stats() for key, s in self.schedulers.items()}
         return out
-
-    @app.get("/metrics")
-    async def metrics(self) -> Response:
-        return PlainTextResponse(to_prometheus(await self.stats()))

@@ -164,6 +164,11 @@ def test_a_namespace_bound_key_learns_nothing_from_the_shared_caches(keys_on):
     r = http.post("/v1/cache/prewarm", json={"texts": [text]}, headers=bearer(AGENT))
     assert r.status_code == 200
     assert r.json() == {"texts": 1, "already_cached": None, "computed": None}
+    # nor from the stats, which count every namespace's hits
+    for path in ("/v1/stats", "/metrics"):
+        r = http.get(path, headers=bearer(AGENT))
+        assert r.status_code == 403 and r.json()["error"]["code"] == "stats_forbidden", r.text
+        assert http.get(path, headers=bearer(ADMIN)).status_code == 200
     # the admin key (every namespace) still sees the tiers
     r = http.post("/v1/embeddings", json={"input": text}, headers=bearer(ADMIN))
     assert r.headers["x-cache"].startswith("hit")
