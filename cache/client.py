@@ -244,19 +244,19 @@ class CacheClient:
         for key, i in keys.items():
             values[i] = known[key]
 
-    async def bump(self, namespace: str) -> None:
-        """Make every cached search/answer of `namespace` unreachable (after a write)."""
+    async def bump(self, namespace: str) -> bool:
+        """Make every cached search/answer of `namespace` unreachable (after a write); False
+        when no shard confirmed it (slow or restarting for 3 x `bump_timeout_s`)."""
         shard = self._shard_of_text(namespace)
-        for attempt in range(3):
+        for attempt in range(3):  # a bump sent twice only moves the version twice
             try:
-                await self._call(self.shards[shard].bump.remote(namespace))
-                return
+                ref = self.shards[shard].bump.remote(namespace)
+                await self._call(ref, self.config.bump_timeout_s)
+                return True
             except Exception as exc:
                 logger.warning("cache bump of %r failed (attempt %d): %r", namespace, attempt, exc)
-        logger.error(
-            "namespace %r version not bumped; its cached results may be stale until they expire",
-            namespace,
-        )
+        logger.error("namespace %r version not bumped: its cached results may be stale", namespace)
+        return False
 
     async def semantic_lookup(
         self, namespace: str, bucket: str, vector: Any, threshold: float

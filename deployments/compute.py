@@ -9,6 +9,7 @@ call goes straight to the downstreams.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import pickle
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -27,7 +28,9 @@ from cache.keys import (
     prompt_key,
 )
 from deployments.downstreams import Downstreams
+from mneme.coalesce import fire_and_forget
 from mneme.config import MnemeConfig
+from mneme.errors import Unavailable
 from mneme.priority import RequestContext
 from mneme.records import (
     Embeddings,
@@ -58,6 +61,7 @@ class ComputeGraph:
         self.down = downstreams
         self.cache = cache
         self.embedding_model = config.embedder.model_name
+        self._writes: set[asyncio.Future] = set()  # running on after their request is gone
 
     def _tiers(self, ctx: RequestContext) -> list[str] | None:
         """Only a request's first lookup (its own result) decides its X-Cache header."""
@@ -143,20 +147,38 @@ class ComputeGraph:
         self, namespace: str, items: list[NewMemory], ctx: RequestContext
     ) -> list[str]:
         embedded = await self.embed([item.text for item in items], ctx)
-        try:
-            return await self.down.upsert(namespace, items, embedded.vectors, ctx)
-        finally:  # even a failed write may have landed part-way: never serve the old view
-            await self._bump(namespace)
+        return await self._write(
+            namespace, lambda: self.down.upsert(namespace, items, embedded.vectors, ctx)
+        )
 
     async def delete(self, namespace: str, memory_id: str, ctx: RequestContext) -> bool:
-        try:
-            return await self.down.delete(namespace, memory_id, ctx)
-        finally:
-            await self._bump(namespace)
+        return await self._write(namespace, lambda: self.down.delete(namespace, memory_id, ctx))
 
-    async def _bump(self, namespace: str) -> None:
-        if self.cache is not None:
-            await self.cache.bump(namespace)
+    async def _write(self, namespace: str, write: Callable[[], Awaitable[T]]) -> T:
+        """`write`, then the namespace's version bump, even when the write fails (it may have
+        landed part-way) and even when the request is cancelled meanwhile (its client gone):
+        the bump must follow the write, or a search between the two would cache the old view
+        under the new version."""
+
+        async def write_then_bump() -> T:
+            try:
+                written = await write()
+            finally:
+                bumped = self.cache is None or await self.cache.bump(namespace)
+            if not bumped:
+                raise Unavailable(
+                    f"the write to namespace {namespace!r} is stored, but its cached searches "
+                    "and answers could not be invalidated (cache actor slow or restarting); "
+                    "retrying with the same ids is safe",
+                    retry_after_s=2.0,
+                )
+            return written
+
+        task = asyncio.ensure_future(write_then_bump())
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+        fire_and_forget(task)  # its failure is reported to the request, if it is still there
+        return await asyncio.shield(task)
 
     async def get(self, namespace: str, memory_id: str, ctx: RequestContext) -> StoredMemory | None:
         return await self.down.get(namespace, memory_id, ctx)

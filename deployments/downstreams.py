@@ -115,19 +115,22 @@ class Downstreams:
         start: Callable[[int], DeploymentResponse | asyncio.Future],
         ctx: RequestContext,
         preemptible: bool = False,
+        write: bool = False,
     ) -> Any:
         """`start(attempt)` sends the call; a preemptible one whose slot a more urgent request
-        takes is cancelled and sent again (attempt 1) once it gets a slot back."""
+        takes is cancelled and sent again (attempt 1) once it gets a slot back. A `write` is
+        sent only while the deadline has not passed, and once sent it is waited for: it
+        cannot be taken back, so a 504 must mean that it was not made."""
         name = DEPLOYMENT_NAMES[key]
         resume = None
         for attempt in itertools.count():
             async with self._slot(key, ctx, preemptible, resume) as lease:
-                response = start(attempt)
                 remaining = ctx.remaining_s()
+                if remaining is not None and remaining <= 0:
+                    raise DeadlineExceeded(f"deadline passed before calling {name}")
+                response = start(attempt)
                 try:
-                    if remaining is not None and remaining <= 0:
-                        raise TimeoutError
-                    return await lease.watch(_awaited(response), remaining)
+                    return await lease.watch(_awaited(response), None if write else remaining)
                 except Preempted:
                     response.cancel()
                     resume = lease
@@ -156,6 +159,7 @@ class Downstreams:
             "vector_search",
             lambda _: self.vector_search.upsert.remote(namespace, items, vectors),
             ctx,
+            write=True,
         )
 
     async def search(self, query: SearchQuery, ctx: RequestContext) -> list[SearchHit]:
@@ -170,7 +174,10 @@ class Downstreams:
 
     async def delete(self, namespace: str, memory_id: str, ctx: RequestContext) -> bool:
         return await self._call(
-            "vector_search", lambda _: self.vector_search.delete.remote(namespace, memory_id), ctx
+            "vector_search",
+            lambda _: self.vector_search.delete.remote(namespace, memory_id),
+            ctx,
+            write=True,
         )
 
     async def page(

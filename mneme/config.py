@@ -243,6 +243,12 @@ class CacheConfig(StrictModel):
         2.0, gt=0, description="A cache call slower than this is a miss."
     )
     single_flight_wait_s: float = Field(30.0, gt=0, description="Longest wait for a joined miss.")
+    bump_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="A write waits this long (per attempt, 3 attempts) for its namespace's "
+        "cached results to be invalidated, then answers 503; the write itself stands.",
+    )
     cache_chat: bool = Field(True, description="Cache chat at temperature 0 or with a seed.")
     semantic_answer_threshold: float | None = Field(
         None,

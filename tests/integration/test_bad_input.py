@@ -254,3 +254,23 @@ def test_deadline_that_passes_is_504(http, seeded):
     )
     assert r.status_code == 504
     assert r.json()["error"]["code"] == "deadline_exceeded"
+
+
+def test_an_add_answered_504_was_not_made_and_one_answered_200_was(http, seeded):
+    """A write cannot be taken back once sent: it is sent only while the deadline holds and
+    then waited for, so a 504 (deadline passed) means the memory is not there."""
+    space = f"deadline-{uuid.uuid4().hex[:8]}"
+    outcomes = {}
+    sweep = [*range(2, 80, 3), 150, 300, 5000]  # some pass before, some during, the add
+    for i, deadline_ms in enumerate(sweep):
+        memory_id = f"m{i}"
+        r = http.post(
+            "/v1/memories",
+            json={"namespace": space, "items": [{"id": memory_id, "text": f"note {i} {space}"}]},
+            headers={"X-Deadline-Ms": str(deadline_ms)},
+        )
+        assert r.status_code in (200, 504), r.text
+        outcomes[memory_id] = r.status_code
+    stored = {m["id"] for m in http.get("/v1/memories", params={"namespace": space}).json()["data"]}
+    assert stored == {memory_id for memory_id, status in outcomes.items() if status == 200}
+    assert set(outcomes.values()) == {200, 504}, outcomes  # the sweep crossed the add's time

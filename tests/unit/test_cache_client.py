@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from cache.client import CacheClient
 from cache.keys import embedding_key
 from cache.shard import CacheShard
-from mneme.config import CacheConfig
+from deployments.compute import ComputeGraph
+from mneme.config import CacheConfig, MnemeConfig
+from mneme.errors import Unavailable
 
 
 class FakeShardHandle:
@@ -21,6 +25,8 @@ class FakeShardHandle:
         self.lookup = self._method(self._lookup)
         self.release = self._method(self._release)
         self.await_keys = self._method(shard.await_keys)
+        self.bump_delay_s = 0.0
+        self.bump = self._method(self._bump)
 
     @staticmethod
     def _method(function):
@@ -41,6 +47,10 @@ class FakeShardHandle:
     async def _lookup(self, requests):
         await asyncio.sleep(self.lookup_delay_s)
         return await self.shard.lookup(requests)
+
+    async def _bump(self, namespace):
+        await asyncio.sleep(self.bump_delay_s)
+        return self.shard.bump(namespace)
 
     async def _release(self, keys):
         self.released += keys
@@ -85,5 +95,30 @@ def test_a_joined_miss_is_waited_for_no_longer_than_the_request_has_left():
         joined = client.get_or_compute([key], compute, wait_s=0.1)
         assert await asyncio.wait_for(joined, 5.0) == [b"computed here"]
         assert computed == [[0]]
+
+    asyncio.run(scenario())
+
+
+def test_a_write_whose_cache_cannot_be_invalidated_is_not_acknowledged():
+    """The write stands (it is durable) but the client hears 503, not 200: its namespace's
+    cached searches could be served stale until the shard applies the bump."""
+
+    async def scenario():
+        config = CacheConfig(bump_timeout_s=0.05)
+        handle = FakeShardHandle(CacheShard(config))
+        graph = ComputeGraph(MnemeConfig(), downstreams=None, cache=client_of(config, handle))
+        written = []
+
+        async def write() -> str:
+            written.append("a")
+            return "stored"
+
+        before = handle.shard.version("ns")
+        assert await graph._write("ns", write) == "stored"
+        assert handle.shard.version("ns") != before
+        handle.bump_delay_s = 0.2  # the shard is too slow to confirm the bump
+        with pytest.raises(Unavailable, match="is stored"):
+            await graph._write("ns", write)
+        assert written == ["a", "a"]
 
     asyncio.run(scenario())
