@@ -57,7 +57,9 @@ class CircuitOpen(Exception):
 
 
 class CircuitBreaker:
-    """Opens after `failure_threshold` consecutive failures; retries after `cooldown_s`."""
+    """Opens after `failure_threshold` consecutive failures; after `cooldown_s` lets one call
+    through (half-open) and closes if it succeeds, opens again if it fails. A probe that
+    reports neither within `cooldown_s` (cancelled) is replaced by the next call."""
 
     def __init__(
         self,
@@ -70,18 +72,26 @@ class CircuitBreaker:
         self.timer = timer
         self.failures = 0
         self.opened_at: float | None = None
+        self.probe_at: float | None = None  # the half-open breaker's one call in flight
 
     def allow(self) -> bool:
         if self.opened_at is None:
             return True
-        return self.timer() - self.opened_at >= self.cooldown_s  # half-open: one probe
+        now = self.timer()
+        if now - self.opened_at < self.cooldown_s:
+            return False
+        if self.probe_at is not None and now - self.probe_at < self.cooldown_s:
+            return False  # another call is finding out whether Redis is back
+        self.probe_at = now
+        return True
 
     def success(self) -> None:
         self.failures = 0
-        self.opened_at = None
+        self.opened_at = self.probe_at = None
 
     def failure(self) -> None:
         self.failures += 1
+        self.probe_at = None
         if self.failures >= self.failure_threshold:
             self.opened_at = self.timer()
 
@@ -89,7 +99,7 @@ class CircuitBreaker:
     def state(self) -> str:
         if self.opened_at is None:
             return "closed"
-        return "half-open" if self.allow() else "open"
+        return "half-open" if self.timer() - self.opened_at >= self.cooldown_s else "open"
 
 
 class RedisBackend:

@@ -86,6 +86,24 @@ def test_breaker_opens_after_failures_and_half_opens():
 
 
 @pytest.mark.redis
+def test_a_half_open_breaker_lets_one_call_probe_at_a_time():
+    """While Redis is down each call waits out its timeout: after the cooldown one call
+    finds out whether it is back, not every concurrent one."""
+    now = [0.0]
+    breaker = CircuitBreaker(failure_threshold=1, cooldown_s=5, timer=lambda: now[0])
+    breaker.failure()
+    now[0] = 6
+    assert breaker.allow() and not breaker.allow()  # the probe, then nobody else
+    breaker.failure()  # Redis still down: open for another cooldown
+    assert not breaker.allow() and breaker.state == "open"
+    now[0] = 12
+    assert breaker.allow() and not breaker.allow()
+    now[0] = 18  # that probe never reported (its request was cancelled): another goes
+    assert breaker.allow()
+    breaker.success()
+    assert breaker.allow() and breaker.allow() and breaker.state == "closed"
+
+
 def test_redis_down_raises_fast_then_the_breaker_stops_calls(redis_server):
     backend = RedisBackend(redis_server.url, timeout_s=0.05)
     redis_server.stop()
