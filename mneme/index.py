@@ -23,7 +23,18 @@ def matches(metadata: dict[str, Any], flt: dict[str, Any] | None) -> bool:
     """Equality filter: every key of `flt` is present in `metadata` with an equal value."""
     if not flt:
         return True
-    return all(key in metadata and metadata[key] == value for key, value in flt.items())
+    return all(key in metadata and json_equal(metadata[key], value) for key, value in flt.items())
+
+
+def json_equal(a: Any, b: Any) -> bool:
+    """Equality of JSON values: `true` is not `1` (as it is in Python); `1` is `1.0`."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(json_equal(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(map(json_equal, a, b))
+    return a == b
 
 
 def new_faiss_index(dim: int, kind: str, config: IndexConfig, size: int = 0) -> faiss.Index:

@@ -116,6 +116,14 @@ def test_namespaces_never_see_each_other():
         ({}, {"a": None}, False),
         ({"a": None}, {"a": None}, True),
         ({"a": [1]}, {"a": [1]}, True),
+        # JSON's equality, not Python's: true is not 1
+        ({"a": 1}, {"a": True}, False),
+        ({"a": True}, {"a": 1.0}, False),
+        ({"a": False}, {"a": 0}, False),
+        ({"a": True}, {"a": True}, True),
+        ({"a": [True, {"b": 1}]}, {"a": [1, {"b": 1}]}, False),
+        ({"a": {"b": [False]}}, {"a": {"b": [False]}}, True),
+        ({"a": 1}, {"a": 1.0}, True),
     ],
 )
 def test_equality_filter(meta, flt, ok):
