@@ -45,7 +45,9 @@ def validation_error(exc: RequestValidationError) -> MnemeError:
         return InvalidRequest("request body is not valid JSON", code="invalid_json")
     param = _param(tuple(first.get("loc", ())))
     message = first.get("msg", "invalid request")
-    if first.get("type") == "missing":
+    if first.get("type") == "missing" and param is None:
+        message = "a JSON request body is required"
+    elif first.get("type") == "missing":
         message = f"{param} is required"
     elif param:
         message = f"{param}: {message}"

@@ -331,6 +331,10 @@ class ChatCompletionRequest(ApiModel):
             if self.memory.filter is not None:
                 _check_metadata(self.memory.filter, "memory.filter", limits)
         self._check_stop(limits)
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequest(
+                "stream_options is only allowed when stream is true", param="stream_options"
+            )
         if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
             raise InvalidRequest("seed must be a 64-bit signed integer", param="seed")
 

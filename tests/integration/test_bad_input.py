@@ -147,6 +147,11 @@ BAD_OTHER = [
         "seed",
     ),
     ("/v1/answer", {"namespace": SPACE, "query": "x", "filter": {"v": NAN}}, "filter"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "x"}], "stream_options": {"include_usage": True}},
+        "stream_options",
+    ),
     ("/v1/memories/search", {"namespace": SPACE, "query": "x", "filter": {"\ud800": 1}}, "filter"),
     (
         "/v1/chat/completions",
@@ -208,6 +213,11 @@ def test_malformed_json_is_400(http, seeded):
     assert r.status_code == 400
     assert r.json()["error"]["code"] == "invalid_json"
     assert snapshot(http) == before
+
+
+def test_a_missing_body_is_400_saying_so(http, seeded):
+    r = http.post("/v1/memories", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "body is required" in r.json()["error"]["message"], r.text
 
 
 def test_unknown_priority_header_is_400(http, seeded):
