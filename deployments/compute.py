@@ -28,7 +28,7 @@ from cache.keys import (
     prompt_key,
 )
 from deployments.downstreams import Downstreams
-from mneme.coalesce import fire_and_forget
+from mneme.coalesce import detached, fire_and_forget
 from mneme.config import MnemeConfig
 from mneme.errors import Unavailable
 from mneme.priority import RequestContext
@@ -174,7 +174,7 @@ class ComputeGraph:
                 )
             return written
 
-        task = asyncio.ensure_future(write_then_bump())
+        task = detached(write_then_bump())  # not cancelled with its request by Serve
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
         fire_and_forget(task)  # its failure is reported to the request, if it is still there

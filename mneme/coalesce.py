@@ -11,11 +11,13 @@ load by itself, with no timer.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, TypeVar
 
 Split = Callable[[Any, list[int]], list[Any]]
+T = TypeVar("T")
 
 
 def split_list(result: Sequence[Any], sizes: list[int]) -> list[list[Any]]:
@@ -76,7 +78,7 @@ class Coalescer:
         self.in_flight += 1
         self.calls += 1
         self.items += size
-        task = asyncio.create_task(self._run(batch))
+        task = detached(self._run(batch))  # it serves every caller in it, not the first's
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -114,6 +116,14 @@ class Coalescer:
 
 def _gone() -> Exception:
     return RuntimeError("the merged call was cancelled (shutting down?)")
+
+
+def detached(coroutine: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+    """A task outside the current request's context. Ray Serve cancels a request's child
+    calls when the request is cancelled (its client disconnected), and knows them by the
+    context they were made in: work done for several requests, or work that must finish
+    whatever happens to the request that started it, must not run in that context."""
+    return asyncio.get_running_loop().create_task(coroutine, context=contextvars.Context())
 
 
 def fire_and_forget(future: asyncio.Future) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from ray.serve.context import _RequestContext, _serve_request_context
 
 from cache.client import CacheClient
 from cache.keys import embedding_key
@@ -120,5 +121,40 @@ def test_a_write_whose_cache_cannot_be_invalidated_is_not_acknowledged():
         with pytest.raises(Unavailable, match="is stored"):
             await graph._write("ns", write)
         assert written == ["a", "a"]
+
+    asyncio.run(scenario())
+
+
+def test_a_write_outlives_its_cancelled_request_and_is_bumped_after_it_lands():
+    """A client that disconnects mid-write: the write runs on outside the request's Serve
+    context (Serve would cancel it as the request's child), and the namespace's version
+    moves only once it has landed; bumped before, a search in between would cache the old
+    view under the new version."""
+
+    async def scenario():
+        config = CacheConfig()
+        handle = FakeShardHandle(CacheShard(config))
+        graph = ComputeGraph(MnemeConfig(), downstreams=None, cache=client_of(config, handle))
+        lands, contexts = asyncio.Event(), []
+
+        async def write() -> str:
+            contexts.append(_serve_request_context.get())
+            await lands.wait()
+            return "stored"
+
+        async def request() -> str:
+            _serve_request_context.set(_RequestContext(_internal_request_id="r1"))
+            return await graph._write("ns", write)
+
+        before = handle.shard.version("ns")
+        client = asyncio.ensure_future(request())
+        await asyncio.sleep(0.01)
+        client.cancel()  # the client went away mid-write
+        await asyncio.sleep(0.01)
+        assert handle.shard.version("ns") == before  # not before the write lands
+        lands.set()
+        await asyncio.sleep(0.05)
+        assert handle.shard.version("ns") != before
+        assert contexts[0] is None or contexts[0]._internal_request_id != "r1"
 
     asyncio.run(scenario())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from ray.serve.context import _RequestContext, _serve_request_context
 
 from cache.client import split_lookup
 from cache.keys import embedding_key
@@ -159,5 +160,29 @@ def test_a_claim_made_for_a_caller_that_gave_up_is_released():
         full_key = shard.full_key(key)
         assert joined.pending == [full_key] and released == [full_key]
         assert (await shard.lookup([key])).owned == [full_key]  # free to claim, not joined
+
+    asyncio.run(scenario())
+
+
+def test_a_merged_call_is_no_callers_serve_child_request():
+    """Serve cancels a request's child calls with it (its client disconnected), finding them
+    by the request context they were made in: a merged call made in its first caller's
+    context would fail every other caller's part with it."""
+
+    async def scenario():
+        seen = []
+
+        async def call(items: list[int]) -> list[int]:
+            seen.append(_serve_request_context.get())
+            return items
+
+        merger = Coalescer(call)
+
+        async def request(request_id: str, item: int) -> list[int]:
+            _serve_request_context.set(_RequestContext(_internal_request_id=request_id))
+            return await merger.submit([item])
+
+        assert await asyncio.gather(request("a", 1), request("b", 2)) == [[1], [2]]
+        assert seen and all(c is None or c._internal_request_id == "" for c in seen)
 
     asyncio.run(scenario())
