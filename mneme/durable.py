@@ -14,6 +14,7 @@ Pure Python + SQLite + FAISS (no Ray): unit-tested directly, crash-tested under 
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import sqlite3
@@ -27,12 +28,13 @@ import numpy as np
 
 from cache.keys import bucket_of
 from mneme.config import IndexConfig
-from mneme.index import MemoryStore, SearchGroup
+from mneme.index import MemoryStore, SearchGroup, checked_vectors
 from mneme.records import MemoryPage, NewMemory, SearchHit, StoredMemory
 
 SNAPSHOT_NAME = "snapshot.pkl"
 LOG_NAME = "memories.sqlite"
 SNAPSHOT_FORMAT = 2
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,31 @@ class MemoryLog:
             )
             return int(cursor.lastrowid)
 
+    def sync(self) -> None:
+        """Make every committed write durable (with `synchronous: NORMAL` the last commits
+        may be in an unsynced WAL): called before a snapshot records a position."""
+        with self._lock:
+            self._db.execute("PRAGMA wal_checkpoint(FULL)")
+
+    def continue_after(self, position: Position) -> None:
+        """New writes are numbered after `position`. A power cut under `synchronous: NORMAL`
+        can lose the log's last commits that a snapshot already holds; numbered again from
+        there, new writes would be skipped as already in the snapshot, on every restart."""
+        seq = int(position.get(self.STREAM, 0))
+        with self._lock:
+            (last,) = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM ops").fetchone()
+            if last >= seq:
+                return
+            logger.warning(
+                "memory log %s ends at %d, before its snapshot's position %d (lost in a power "
+                "cut?); the snapshot has those writes, new ones are numbered after it",
+                self.path,
+                last,
+                seq,
+            )
+            self._db.execute("DELETE FROM sqlite_sequence WHERE name = 'ops'")
+            self._db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('ops', ?)", (seq,))
+
     def after(self, position: Position, limit: int = 10_000) -> list[LogEntry]:
         with self._lock:
             rows = self._db.execute(
@@ -99,6 +126,12 @@ class RedisMemoryLog:
 
     def _stream(self, namespace: str) -> str:
         return self.streams[bucket_of(namespace, len(self.streams))]
+
+    def sync(self) -> None:
+        """What Redis has is as durable as its `appendfsync` makes it."""
+
+    def continue_after(self, position: Position) -> None:
+        """Stream ids are times: new writes come after the snapshot's (clocks allowing)."""
 
     def append(self, namespace: str, op: str, payload: Any) -> str:
         blob = pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
@@ -177,6 +210,7 @@ class DurableStore:
             else MemoryLog(self.data_dir / LOG_NAME, synchronous)
         )
         self.store, self.applied = read_snapshot(self.snapshot_path, index_config)
+        self.log.continue_after(self.applied)
         self.writes_since_snapshot = 0
         self.snapshot_position = dict(self.applied)
         self.replayed = self.catch_up()  # what the last snapshot did not have
@@ -207,16 +241,22 @@ class DurableStore:
         self.log.append(namespace, op, payload)  # durable from here on
         self.catch_up()  # applies ours after anything another replica logged first
         if self.writes_since_snapshot >= self.snapshot_every:
-            self.snapshot()
+            try:
+                self.snapshot()
+            except Exception as exc:  # the write is logged: a late snapshot only lengthens replay
+                self.writes_since_snapshot = 0  # tried again after another snapshot_every
+                logger.error("snapshot to %s failed: %r", self.snapshot_path, exc)
 
     def snapshot(self) -> None:
+        self.log.sync()  # the position it records must not be ahead of a durable log
         write_snapshot(self.store, self.applied, self.snapshot_path)
         self.snapshot_position = dict(self.applied)
         self.writes_since_snapshot = 0
 
     # The same calls as MemoryStore.
     def upsert(self, namespace: str, items: Sequence[NewMemory], vectors: np.ndarray) -> list[str]:
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        self.catch_up()  # another replica may have set the store's dimension
+        vectors = checked_vectors(items, vectors, self.store.dim)  # never log what fails
         self._write(namespace, "upsert", (list(items), vectors))
         return [item.id for item in items]
 

@@ -26,6 +26,25 @@ def matches(metadata: dict[str, Any], flt: dict[str, Any] | None) -> bool:
     return all(key in metadata and json_equal(metadata[key], value) for key, value in flt.items())
 
 
+def checked_vectors(items: Sequence[NewMemory], vectors: Any, dim: int | None) -> np.ndarray:
+    """The vectors of an upsert as float32 rows, one per item; a ValueError for what no
+    index could take, raised before anything is logged or changed."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if vectors.ndim != 2 or vectors.shape[0] != len(items):
+        raise ValueError(f"{len(items)} items but vectors of shape {vectors.shape}")
+    if dim is not None and vectors.shape[1] != dim:
+        raise ValueError(
+            f"vectors of {vectors.shape[1]} dimensions for a store of {dim}: another "
+            "embedding model needs its own vector_search.storage.data_dir"
+        )
+    if not np.isfinite(vectors).all():
+        raise ValueError("vectors must be finite")
+    ids = [item.id for item in items]
+    if len(set(ids)) != len(ids):
+        raise ValueError("the same id twice in one upsert")
+    return vectors
+
+
 def json_equal(a: Any, b: Any) -> bool:
     """Equality of JSON values: `true` is not `1` (as it is in Python); `1` is `1.0`."""
     if isinstance(a, bool) or isinstance(b, bool):
@@ -150,16 +169,13 @@ class NamespaceIndex:
         self._mirror = self._new_mirror()
 
     def upsert(self, items: Sequence[NewMemory], vectors: np.ndarray) -> list[str]:
-        """Add items; an item whose id exists replaces it (so a retried add stores one copy)."""
+        """Add items; an item whose id exists replaces it (so a retried add stores one copy).
+        The new vectors go in first: if that fails (the device is out of memory), nothing
+        changed, and the write can be applied again."""
         vectors = np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(items), self.dim)
-        replaced = [self._by_id[item.id].seq for item in items if item.id in self._by_id]
-        if replaced:
-            for seq in replaced:
-                del self._by_seq[seq]
-            self._remove(replaced)
+        replaced = sorted({self._by_id[item.id].seq for item in items if item.id in self._by_id})
         seqs = np.arange(self._next_seq, self._next_seq + len(items), dtype=np.int64)
-        self._next_seq += len(items)
-        if self._mirror is not None:  # first: if the device is out of memory, nothing changed
+        if self._mirror is not None:
             self._mirror.add(vectors, seqs)
         try:
             self._index.add_with_ids(vectors, seqs)
@@ -167,10 +183,15 @@ class NamespaceIndex:
             if self._mirror is not None:
                 self._mirror.remove(seqs)
             raise
+        self._next_seq += len(items)
         for item, seq in zip(items, seqs.tolist(), strict=True):
             stored = StoredMemory(item.id, self.namespace, item.text, dict(item.metadata), seq)
             self._by_id[item.id] = stored
             self._by_seq[seq] = stored
+        if replaced:
+            for seq in replaced:
+                del self._by_seq[seq]
+            self._remove(replaced)
         if self.kind == "flat" and self.config.kind != "flat":
             if len(self._by_seq) >= self.config.min_size:
                 self._rebuild(self.config.kind)
@@ -278,7 +299,7 @@ class MemoryStore:
         return self._namespaces.get(name)
 
     def upsert(self, namespace: str, items: Sequence[NewMemory], vectors: np.ndarray) -> list[str]:
-        vectors = np.asarray(vectors, dtype=np.float32)
+        vectors = checked_vectors(items, vectors, self.dim)
         if self.dim is None:
             self.dim = int(vectors.shape[-1])
         index = self._namespaces.get(namespace)

@@ -191,3 +191,53 @@ def run_random_history(tmp_path, seed: int, index: IndexConfig, redis_url: str |
                 expected = sorted(memories, key=lambda k: -float(memories[k][1] @ query[0]))[:3]
                 assert [h.id for h in hits] == expected
                 assert all(h.text == memories[h.id][0] for h in hits)
+
+
+def test_a_write_no_index_could_take_is_refused_before_it_is_logged(tmp_path):
+    """Logged, it would fail on every replica that replays it, at every start."""
+    rng = np.random.default_rng(5)
+    store = DurableStore(tmp_path)
+    store.upsert("a", [NewMemory("m1", "first")], unit(rng, 1))
+    for items, vectors in [
+        ([NewMemory("m2", "wider")], np.ones((1, DIM * 2), np.float32)),  # another model
+        ([NewMemory("m2", "nan")], np.full((1, DIM), np.nan, np.float32)),
+        ([NewMemory("m2", "x"), NewMemory("m2", "y")], unit(rng, 2)),
+        ([NewMemory("m2", "two rows for one")], unit(rng, 2)),
+    ]:
+        with pytest.raises(ValueError):
+            store.upsert("a", items, vectors)
+    store.upsert("a", [NewMemory("m3", "still writable")], unit(rng, 1))
+    again = DurableStore(tmp_path)  # replays cleanly
+    assert again.replayed == 2 and again.get("a", "m3") is not None
+    assert again.get("a", "m2") is None
+
+
+def test_a_failed_snapshot_does_not_fail_the_write(tmp_path):
+    rng = np.random.default_rng(6)
+    store = DurableStore(tmp_path, snapshot_every=1)
+    store.snapshot_path.mkdir()  # a snapshot cannot be renamed over a directory
+    assert store.upsert("a", [NewMemory("m1", "kept")], unit(rng, 1)) == ["m1"]
+    assert store.get("a", "m1").text == "kept"
+    store.snapshot_path.rmdir()
+    store.upsert("a", [NewMemory("m2", "and the next")], unit(rng, 1))
+    assert store.snapshot_path.is_file()  # tried again at the next one
+    assert DurableStore(tmp_path).stats()["memories"] == 2
+
+
+def test_writes_after_a_log_that_lost_its_tail_are_not_taken_for_the_snapshots(tmp_path):
+    """Under synchronous NORMAL a power cut may lose the log's last commits after a
+    snapshot recorded them; new writes must be numbered after the snapshot, or every
+    restart would skip them as already in it."""
+    rng = np.random.default_rng(7)
+    store = DurableStore(tmp_path, synchronous="NORMAL", snapshot_every=3)
+    for i in range(3):
+        store.upsert("a", [NewMemory(f"m{i}", f"text {i}")], unit(rng, 1))
+    assert store.snapshot_position == {"sqlite": 3}
+    store.log.close()
+    cut = MemoryLog(tmp_path / "memories.sqlite")  # what a power cut could leave: seq 1 only
+    cut._db.execute("DELETE FROM ops WHERE seq > 1")
+    cut._db.execute("UPDATE sqlite_sequence SET seq = 1 WHERE name = 'ops'")
+    cut.close()
+    after = DurableStore(tmp_path, synchronous="NORMAL")
+    after.upsert("a", [NewMemory("new", "after the cut")], unit(rng, 1))
+    assert DurableStore(tmp_path).get("a", "new") is not None

@@ -187,3 +187,30 @@ def test_torch_flat_keeps_labels_in_write_order_and_compacts():
     assert labels[0][0] == 3 or scores[0][0] >= vectors[0] @ vectors[3] - 1e-6
     _, allowed = flat.search(vectors[:2], 5, allowed=np.array([7, 9, 10]))
     assert [sorted(row[row >= 0].tolist()) for row in allowed] == [[7, 9], [7, 9]]
+
+
+def test_a_replace_whose_add_fails_changes_nothing_and_can_be_applied_again():
+    """A replica applies a logged write again after a failure (catch_up): the first try
+    must leave the old memory whole, not half-removed."""
+    rng = np.random.default_rng(9)
+    index = NamespaceIndex("a", DIM)
+    old, new = unit(rng, 1), unit(rng, 1)
+    index.upsert([NewMemory("m1", "old")], old)
+    real = index._index
+
+    class FakeIndexOutOfMemory:  # a fault FAISS will not produce on demand
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def add_with_ids(self, *args):
+            raise MemoryError("injected")
+
+    index._index = FakeIndexOutOfMemory()
+    with pytest.raises(MemoryError):
+        index.upsert([NewMemory("m1", "new")], new)
+    index._index = real
+    assert index.get("m1").text == "old"
+    assert [h.id for h in index.search(old, 1, None)[0]] == ["m1"]
+    index.upsert([NewMemory("m1", "new")], new)  # the retry
+    assert index.get("m1").text == "new" and index.page(10, None).memories[0].text == "new"
+    assert len(index.page(10, None).memories) == 1
