@@ -6,11 +6,15 @@
 One JSON object per line: {"text": ..., "id"?: ..., "metadata"?: {...}, "namespace"?: ...}
 (`--namespace` for lines without one). Lines go in batches through `POST /v1/memories`, a
 few batches in flight. Progress is checkpointed in `<file>.import-state.json` after every
-contiguous run of acknowledged lines, so a re-run continues where the last one stopped; and
-since a line without an id gets one derived from the file's digest and its line number, a
-line sent twice (acknowledged but not yet checkpointed when the crash came) replaces itself
-instead of being stored twice. A 503 or a lost connection is retried (after Retry-After); a
-line the server refuses (4xx) stops the import with its line number and the server's reason.
+contiguous run of acknowledged lines (of that file's content, into that URL and default
+namespace), so a re-run continues where the last one stopped. A line without an id gets one
+derived from its namespace, text and metadata: a line sent twice (acknowledged but not yet
+checkpointed when the crash came, or sent again after the file was fixed and the import
+started over) replaces itself instead of being stored twice, and identical lines are one
+memory. Where an id repeats, the later line wins: a batch never holds an id twice, and a
+batch waits while an earlier one with any of its ids is in flight. A 503 or a lost
+connection is retried (after Retry-After); a line the server refuses (4xx) stops the import
+with its line number and the server's reason.
 """
 
 from __future__ import annotations
@@ -50,10 +54,14 @@ def file_digest(path: Path) -> str:
     return sha.hexdigest()
 
 
-def read_batches(
-    path: Path, digest: str, start_line: int, default_ns: str | None, size: int
-) -> Iterator[Batch]:
-    """Batches of consecutive lines of one namespace, from line `start_line + 1` on."""
+def content_id(namespace: str, text: str, metadata: Any) -> str:
+    payload = json.dumps([namespace, text, metadata], sort_keys=True, ensure_ascii=False)
+    return f"import-{hashlib.sha256(payload.encode('utf-8', 'surrogatepass')).hexdigest()[:24]}"
+
+
+def read_batches(path: Path, start_line: int, default_ns: str | None, size: int) -> Iterator[Batch]:
+    """Batches of consecutive lines of one namespace, from line `start_line + 1` on; a batch
+    ends before an id it already holds (the server refuses an id twice in one add)."""
     items: list[dict[str, Any]] = []
     first, namespace = 0, None
     with open(path, encoding="utf-8") as f:
@@ -69,12 +77,14 @@ def read_batches(
             ns = record.get("namespace", default_ns)
             if not isinstance(ns, str):
                 raise ImportFailed(f"{path}:{number}: no namespace (give --namespace)")
+            metadata = record.get("metadata") or {}
             item = {
-                "id": str(record.get("id") or f"import-{digest[:12]}-{number}"),
+                "id": str(record.get("id") or content_id(ns, record["text"], metadata)),
                 "text": record["text"],
-                "metadata": record.get("metadata") or {},
+                "metadata": metadata,
             }
-            if items and (ns != namespace or len(items) >= size):
+            repeated = any(other["id"] == item["id"] for other in items)
+            if items and (ns != namespace or len(items) >= size or repeated):
                 yield Batch(first, number - 1, namespace, items)
                 items = []
             if not items:
@@ -86,21 +96,25 @@ def read_batches(
 
 
 class Checkpoint:
-    """`<file>.import-state.json`: how many lines of which file version are acknowledged."""
+    """`<file>.import-state.json`: how many lines of which file version are acknowledged,
+    by which service (URL) into which default namespace; another of any starts over."""
 
-    def __init__(self, path: Path, digest: str):
+    def __init__(self, path: Path, digest: str, url: str, namespace: str | None):
         self.path = path.with_name(path.name + ".import-state.json")
-        self.digest = digest
+        self.key = {"sha256": digest, "url": url, "namespace": namespace}
         self.lines_done = 0
         if self.path.exists():
-            state = json.loads(self.path.read_text())
-            if state.get("sha256") == digest:
+            try:
+                state = json.loads(self.path.read_text())
+            except ValueError:  # cut short by a crash while written: start over (ids repeat)
+                state = {}
+            if {k: state.get(k) for k in self.key} == self.key:
                 self.lines_done = int(state["lines_done"])
 
     def save(self, lines_done: int) -> None:
         self.lines_done = lines_done
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"sha256": self.digest, "lines_done": lines_done}))
+        tmp.write_text(json.dumps({**self.key, "lines_done": lines_done}))
         tmp.replace(self.path)
 
 
@@ -137,8 +151,7 @@ async def run_import(
     retries: int = 8,
     progress: bool = True,
 ) -> dict[str, int]:
-    digest = file_digest(path)
-    checkpoint = Checkpoint(path, digest)
+    checkpoint = Checkpoint(path, file_digest(path), url, namespace)
     with open(path, encoding="utf-8") as f:
         total = sum(1 for _ in f)
     bar = tqdm(total=total, initial=checkpoint.lines_done, unit="line", file=sys.stderr,
@@ -161,20 +174,27 @@ async def run_import(
             await send(client, batch, path, retries)
             return batch
 
-        pending: set[asyncio.Task] = set()
+        pending: dict[asyncio.Task, set[tuple[str, str]]] = {}  # -> its (namespace, id)s
+
+        async def wait_for_one() -> None:
+            done, _ = await asyncio.wait(pending, return_when="FIRST_COMPLETED")
+            for task in done:
+                del pending[task]
+                acknowledge(task.result())
+
         try:
-            for batch in read_batches(path, digest, checkpoint.lines_done, namespace, batch_size):
-                if len(pending) >= in_flight:
-                    done, pending = await asyncio.wait(pending, return_when="FIRST_COMPLETED")
-                    for task in done:
-                        acknowledge(task.result())
+            for batch in read_batches(path, checkpoint.lines_done, namespace, batch_size):
+                ids = {(batch.namespace, item["id"]) for item in batch.items}
+                # the later line of an id must land last
+                while len(pending) >= in_flight or any(
+                    ids & sent_ids for sent_ids in pending.values()
+                ):
+                    await wait_for_one()
                 issued.append(batch)
-                pending.add(asyncio.create_task(one(batch)))
+                pending[asyncio.create_task(one(batch))] = ids
                 sent += len(batch.items)
             while pending:
-                done, pending = await asyncio.wait(pending, return_when="FIRST_COMPLETED")
-                for task in done:
-                    acknowledge(task.result())
+                await wait_for_one()
         finally:
             for task in pending:
                 task.cancel()

@@ -68,3 +68,45 @@ def test_a_refused_line_stops_the_import_and_names_the_line(served, tmp_path):
     with pytest.raises(ImportFailed, match=r"bad\.jsonl:1: no namespace"):
         data.write_text(json.dumps({"text": "x"}) + "\n")
         asyncio.run(run_import(data, served.base_url, progress=False))
+
+
+def stored(http, namespace: str) -> dict[str, str]:
+    r = http.get("/v1/memories", params={"namespace": namespace, "limit": 1000})
+    return {m["id"]: m["text"] for m in r.json()["data"]}
+
+
+def test_fixed_and_run_again_every_line_is_stored_once(served, http, tmp_path):
+    """The file changed, so the import starts over; lines without an id get the same ids as
+    before (from their content), so the lines sent the first time replace themselves."""
+    import asyncio
+
+    space = f"import-fix-{uuid.uuid4().hex[:6]}"
+    data = tmp_path / "fix.jsonl"
+    lines = [{"text": f"line {i}"} for i in range(9)]
+    lines[6]["text"] = ""  # refused: the import stops there
+    data.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    with pytest.raises(ImportFailed, match=r"fix\.jsonl:7"):
+        asyncio.run(
+            run_import(data, served.base_url, space, batch_size=2, in_flight=1, progress=False)
+        )
+    assert len(stored(http, space)) == 6  # the batches before the refused one landed
+    lines[6]["text"] = "line 6, fixed"
+    data.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    asyncio.run(run_import(data, served.base_url, space, batch_size=2, progress=False))
+    assert sorted(stored(http, space).values()) == sorted(r["text"] for r in lines)
+    # the same file into another namespace is a new import, not "already done"
+    other = f"{space}-b"
+    asyncio.run(run_import(data, served.base_url, other, batch_size=2, progress=False))
+    assert len(stored(http, other)) == len(lines)
+
+
+def test_the_last_line_of_a_repeated_id_wins(served, http, tmp_path):
+    import asyncio
+
+    space = f"import-repeat-{uuid.uuid4().hex[:6]}"
+    data = tmp_path / "repeat.jsonl"
+    texts = ["x v1", "a", "x v2", "b", "c", "d", "x v3", "e"]  # x in one batch and across
+    records = [{"id": t.split()[0], "text": t} for t in texts]
+    data.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    asyncio.run(run_import(data, served.base_url, space, batch_size=3, progress=False))
+    assert stored(http, space) == {"x": "x v3", "a": "a", "b": "b", "c": "c", "d": "d", "e": "e"}
