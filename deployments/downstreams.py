@@ -148,7 +148,10 @@ class Downstreams:
         """One Embedder call, merged with other requests' concurrent embeds when coalescing
         (each request still takes its own scheduler slot, so priorities hold)."""
         if self.embed_coalescer is not None:
-            return await self._call("embedder", lambda _: self.embed_coalescer.submit(texts), ctx)
+            merged = self.embed_coalescer
+            return await self._call(
+                "embedder", lambda _: merged.submit(texts, int(ctx.priority)), ctx
+            )
         return await self._call("embedder", lambda _: self.embedder.embed.remote(texts), ctx)
 
     # -------------------------------------------------------------- VectorSearch

@@ -4,15 +4,16 @@ On these 2 cores the per-call overhead of Ray Serve, not the model, is what bind
 (DESIGN.md). A `Coalescer` sits in the Router in front of one downstream call that takes a
 list (texts to embed, keys to look up): a submission that finds nothing in flight goes at
 once (no window, so a lone request never waits); submissions made while `max_in_flight`
-calls are running wait, and all of them go together as the next call. The batch grows with
-load by itself, with no timer.
+calls are running wait, and go together as the next call, the most urgent class first.
+The batch grows with load by itself, with no timer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
-from collections import deque
+import heapq
+import itertools
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
@@ -47,16 +48,20 @@ class Coalescer:
         self._orphaned = orphaned
         self.max_in_flight = max_in_flight
         self.max_items = max_items
-        self._pending: deque[tuple[list[Any], asyncio.Future]] = deque()
+        # (class, arrival, items, future): the most urgent class goes in the next call first
+        self._pending: list[tuple[int, int, list[Any], asyncio.Future]] = []
+        self._arrivals = itertools.count()
         self._tasks: set[asyncio.Task] = set()
         self.in_flight = 0
         self.calls = 0
         self.submissions = 0
         self.items = 0
 
-    def submit(self, items: list[Any]) -> asyncio.Future:
+    def submit(self, items: list[Any], priority: int = 2) -> asyncio.Future:
+        """`priority`: lower goes first (mneme.priority.Priority; default normal), so a
+        critical request's items are not queued behind a background one's."""
         future = asyncio.get_running_loop().create_future()
-        self._pending.append((items, future))
+        heapq.heappush(self._pending, (priority, next(self._arrivals), items, future))
         self.submissions += 1
         if self.in_flight < self.max_in_flight:
             self._start()
@@ -66,10 +71,10 @@ class Coalescer:
         batch: list[tuple[list[Any], asyncio.Future]] = []
         size = 0
         while self._pending:
-            items, future = self._pending[0]
+            _, _, items, future = self._pending[0]
             if batch and size + len(items) > self.max_items:
                 break
-            self._pending.popleft()
+            heapq.heappop(self._pending)
             if not future.cancelled():  # its caller gave up while it waited
                 batch.append((items, future))
                 size += len(items)

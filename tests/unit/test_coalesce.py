@@ -186,3 +186,19 @@ def test_a_merged_call_is_no_callers_serve_child_request():
         assert seen and all(c is None or c._internal_request_id == "" for c in seen)
 
     asyncio.run(scenario())
+
+
+def test_the_most_urgent_waiting_submission_goes_in_the_next_call():
+    """A critical request's texts are not queued behind a background prewarm's."""
+
+    async def scenario():
+        call = GatedCall()
+        merger = Coalescer(call, max_in_flight=1, max_items=2)
+        busy = merger.submit([0], priority=4)
+        background = merger.submit([1, 2], priority=4)
+        critical = merger.submit([3], priority=0)
+        call.gate.set()
+        await asyncio.gather(busy, background, critical)
+        assert call.batches == [[0], [3], [1, 2]]  # FIFO would have sent [1, 2] before [3]
+
+    asyncio.run(scenario())
