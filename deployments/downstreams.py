@@ -112,15 +112,15 @@ class Downstreams:
     async def _call(
         self,
         key: str,
-        start: Callable[[int], DeploymentResponse | asyncio.Future],
+        start: Callable[[int, Lease], DeploymentResponse | asyncio.Future],
         ctx: RequestContext,
         preemptible: bool = False,
         write: bool = False,
     ) -> Any:
-        """`start(attempt)` sends the call; a preemptible one whose slot a more urgent request
-        takes is cancelled and sent again (attempt 1) once it gets a slot back. A `write` is
-        sent only while the deadline has not passed, and once sent it is waited for: it
-        cannot be taken back, so a 504 must mean that it was not made."""
+        """`start(attempt, lease)` sends the call; a preemptible one whose slot a more
+        urgent request takes is cancelled and sent again (attempt 1) once it gets a slot
+        back. A `write` is sent only while the deadline has not passed, and once sent it is
+        waited for: it cannot be taken back, so a 504 must mean that it was not made."""
         name = DEPLOYMENT_NAMES[key]
         resume = None
         for attempt in itertools.count():
@@ -128,7 +128,7 @@ class Downstreams:
                 remaining = ctx.remaining_s()
                 if remaining is not None and remaining <= 0:
                     raise DeadlineExceeded(f"deadline passed before calling {name}")
-                response = start(attempt)
+                response = start(attempt, lease)
                 try:
                     return await lease.watch(_awaited(response), None if write else remaining)
                 except Preempted:
@@ -150,9 +150,9 @@ class Downstreams:
         if self.embed_coalescer is not None:
             merged = self.embed_coalescer
             return await self._call(
-                "embedder", lambda _: merged.submit(texts, int(ctx.priority)), ctx
+                "embedder", lambda *_: merged.submit(texts, int(ctx.priority)), ctx
             )
-        return await self._call("embedder", lambda _: self.embedder.embed.remote(texts), ctx)
+        return await self._call("embedder", lambda *_: self.embedder.embed.remote(texts), ctx)
 
     # -------------------------------------------------------------- VectorSearch
     async def upsert(
@@ -160,25 +160,25 @@ class Downstreams:
     ) -> list[str]:
         return await self._call(
             "vector_search",
-            lambda _: self.vector_search.upsert.remote(namespace, items, vectors),
+            lambda *_: self.vector_search.upsert.remote(namespace, items, vectors),
             ctx,
             write=True,
         )
 
     async def search(self, query: SearchQuery, ctx: RequestContext) -> list[SearchHit]:
         return await self._call(
-            "vector_search", lambda _: self.vector_search.search.remote(query), ctx
+            "vector_search", lambda *_: self.vector_search.search.remote(query), ctx
         )
 
     async def get(self, namespace: str, memory_id: str, ctx: RequestContext) -> StoredMemory | None:
         return await self._call(
-            "vector_search", lambda _: self.vector_search.get.remote(namespace, memory_id), ctx
+            "vector_search", lambda *_: self.vector_search.get.remote(namespace, memory_id), ctx
         )
 
     async def delete(self, namespace: str, memory_id: str, ctx: RequestContext) -> bool:
         return await self._call(
             "vector_search",
-            lambda _: self.vector_search.delete.remote(namespace, memory_id),
+            lambda *_: self.vector_search.delete.remote(namespace, memory_id),
             ctx,
             write=True,
         )
@@ -188,22 +188,25 @@ class Downstreams:
     ) -> MemoryPage:
         return await self._call(
             "vector_search",
-            lambda _: self.vector_search.page.remote(namespace, limit, cursor),
+            lambda *_: self.vector_search.page.remote(namespace, limit, cursor),
             ctx,
         )
 
     # ----------------------------------------------------------------- Generator
     async def generate(self, request: GenerationRequest, ctx: RequestContext) -> Generation:
         """Preemptible: nothing has reached the client yet, so a critical or high request may
-        take its slot; it is then generated again, under a new vLLM request id."""
+        take its slot; it is then generated again, under a new vLLM request id. vLLM gets the
+        class the request was dispatched at (aged, for one that waited long), so its own
+        queue does not undo the aging."""
 
-        def start(attempt: int) -> DeploymentResponse:
-            if attempt:
-                retried = f"{request.request_id}-preempted{attempt}"
-                return self.generator.generate.remote(
-                    dataclasses.replace(request, request_id=retried)
-                )
-            return self.generator.generate.remote(request)
+        def start(attempt: int, lease: Lease) -> DeploymentResponse:
+            request_id = f"{request.request_id}-preempted{attempt}" if attempt else None
+            sent = dataclasses.replace(
+                request,
+                request_id=request_id or request.request_id,
+                priority=min(request.priority, lease.dispatched_class),
+            )
+            return self.generator.generate.remote(sent)
 
         return await self._call("generator", start, ctx, preemptible=True)
 
