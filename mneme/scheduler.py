@@ -218,6 +218,8 @@ class PriorityScheduler:
                 retry_after_s=self._retry_after_s(),
             )
         if self._service_s > 0 and self.in_flight >= self.limit(ctx.priority):
+            if self._will_preempt_for(ctx.priority):
+                return  # it takes a background call's slot at once
             expected, ahead = self._expected_wait_s(ctx.priority)
             if expected > self.max_queue_wait_s:
                 stats.rejected += 1
@@ -233,6 +235,23 @@ class PriorityScheduler:
                     f"({ahead} queued ahead, ~{expected * 1000:.0f} ms)",
                     retry_after_s=self._retry_after_s(),
                 )
+
+    def _will_preempt_for(self, priority: Priority) -> bool:
+        """A critical or high request would take a preemptible call's slot at once: one is
+        left over after the urgent requests already queued have taken theirs."""
+        if not self.preempt or priority > Priority.HIGH:
+            return False
+        return len(self._victims()) > self._urgent_waiting()
+
+    def _victims(self) -> list[Lease]:
+        """Preemptible calls that ran as low or background, newest first."""
+        return [
+            lease
+            for lease in reversed(self.leases)
+            if lease.preempted is not None
+            and not lease.giving_back
+            and lease.dispatched_class >= Priority.LOW
+        ]
 
     def _expected_wait_s(self, priority: Priority) -> tuple[float, int]:
         """Queued work at or above `priority`, drained at the share of the budget that higher
@@ -365,14 +384,7 @@ class PriorityScheduler:
         if not urgent:
             return
         freeing = sum(1 for lease in self.leases if lease.giving_back)  # not yet released
-        victims = [
-            lease
-            for lease in reversed(self.leases)
-            if lease.preempted is not None
-            and not lease.giving_back
-            and lease.dispatched_class >= Priority.LOW
-        ]
-        for lease in victims[: max(0, urgent - freeing)]:
+        for lease in self._victims()[: max(0, urgent - freeing)]:
             lease.preempted.set_result(None)
             self._stats[lease.ctx.priority].preempted += 1
 

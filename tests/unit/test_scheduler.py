@@ -418,3 +418,27 @@ def test_a_preempted_slot_body_sees_preempted_and_the_slot_passes_on():
         return held, never.cancelled(), scheduler.in_flight
 
     assert asyncio.run(go()) == (1, True, 0)
+
+
+def test_a_critical_request_with_a_deadline_is_admitted_when_it_would_preempt():
+    """Every slot is held, but by background calls it may take at once: its deadline is no
+    reason to refuse it, whatever the mean hold time."""
+
+    async def go():
+        clock = Clock(100.0)
+        scheduler = PriorityScheduler("gen", 2, preempt=True, timer=clock)
+        async with scheduler.slot(ctx(Priority.NORMAL)):
+            clock.now += 1.0  # holds last 1 s: a full queue would mean ~1 s
+        background = [
+            await scheduler.acquire(ctx(Priority.BACKGROUND), preemptible=True) for _ in range(2)
+        ]
+        critical = asyncio.ensure_future(
+            scheduler.acquire(ctx(Priority.CRITICAL, deadline=clock.now + 0.5))
+        )
+        await settle()
+        assert background[1].preempted.done()  # not refused: it preempted
+        scheduler.release(background[1])
+        await settle()
+        return critical.done() and not critical.exception()
+
+    assert asyncio.run(go())
