@@ -397,8 +397,8 @@ class PriorityScheduler:
             )
             if not self.may_start(effective):
                 # the best waiter may not take a reserved slot, nor may any after it; look
-                # again when aging next moves it up a class
-                self._wake_at_next_boost(waiter, now)
+                # again when aging next moves one of them up a class
+                self._wake_at_next_boost(now)
                 break
             self._waiting.remove(waiter)
             stats = self._stats[waiter.ctx.priority]
@@ -412,8 +412,18 @@ class PriorityScheduler:
         if self.preempt:
             self._preempt()
 
-    def _wake_at_next_boost(self, waiter: Waiter, now: float) -> None:
-        delay = waiter.until_next_boost(now, self.starvation_threshold_s, self.boost_interval_s)
+    def _wake_at_next_boost(self, now: float) -> None:
+        """At the next boost of any waiter still below high: the first to reach high may
+        be an older one, not the best now (an earlier deadline in the same class)."""
+        aging = (self.starvation_threshold_s, self.boost_interval_s)
+        delays = [
+            w.until_next_boost(now, *aging)
+            for w in self._waiting
+            if w.effective_class(now, *aging) > Priority.HIGH
+        ]
+        if not delays:
+            return
+        delay = min(delays)
         if self._wake is not None:
             self._wake.cancel()
         try:

@@ -442,3 +442,31 @@ def test_a_critical_request_with_a_deadline_is_admitted_when_it_would_preempt():
         return critical.done() and not critical.exception()
 
     assert asyncio.run(go())
+
+
+def test_the_scheduler_looks_again_when_the_first_waiter_ages_up_not_the_best_one():
+    """Two normal waiters for a reserved slot: the best now is the later one with a
+    deadline, but the older one reaches high (and the slot) first."""
+
+    async def go():
+        scheduler = PriorityScheduler(
+            "gen",
+            4,
+            reserved_share=0.25,
+            starvation_threshold_s=0.3,
+            boost_interval_s=5.0,
+            max_queue_wait_s=10.0,
+        )
+        for _ in range(3):
+            await scheduler.acquire(ctx(Priority.NORMAL))
+        older = asyncio.ensure_future(scheduler.acquire(ctx(Priority.NORMAL)))
+        await asyncio.sleep(0.2)
+        later = asyncio.ensure_future(
+            scheduler.acquire(ctx(Priority.NORMAL, deadline=time.monotonic() + 60))
+        )
+        await asyncio.sleep(0.25)  # the older one aged to high at 0.3 s; the later at 0.5 s
+        outcome = older.done(), later.done()
+        later.cancel()
+        return outcome
+
+    assert asyncio.run(go()) == (True, False)
