@@ -287,20 +287,28 @@ def test_a_request_never_waits_past_the_queue_wait_bound():
     assert stats["classes"]["low"]["expired"] == 1
 
 
+async def one_reserved_slot_left(
+    threshold_s: float, boost_s: float, holders: Priority
+) -> PriorityScheduler:
+    """Four slots, one reserved for critical and high; the other three held (real time)."""
+    scheduler = PriorityScheduler(
+        "gen",
+        4,
+        reserved_share=0.25,
+        starvation_threshold_s=threshold_s,
+        boost_interval_s=boost_s,
+        max_queue_wait_s=10.0,
+    )
+    for _ in range(3):
+        await scheduler.acquire(ctx(holders))
+    return scheduler
+
+
 def test_aging_alone_dispatches_into_a_reserved_slot():
     """No release or arrival after it queues: the scheduler looks again when it ages up."""
 
     async def go():
-        scheduler = PriorityScheduler(
-            "gen",
-            4,
-            reserved_share=0.25,
-            starvation_threshold_s=0.05,
-            boost_interval_s=0.02,
-            max_queue_wait_s=10.0,
-        )
-        for _ in range(3):
-            await scheduler.acquire(ctx(Priority.BACKGROUND))
+        scheduler = await one_reserved_slot_left(0.05, 0.02, Priority.BACKGROUND)
         started = time.monotonic()
         await asyncio.wait_for(scheduler.acquire(ctx(Priority.BACKGROUND)), 1.0)
         return time.monotonic() - started, scheduler.in_flight
@@ -449,16 +457,7 @@ def test_the_scheduler_looks_again_when_the_first_waiter_ages_up_not_the_best_on
     deadline, but the older one reaches high (and the slot) first."""
 
     async def go():
-        scheduler = PriorityScheduler(
-            "gen",
-            4,
-            reserved_share=0.25,
-            starvation_threshold_s=0.3,
-            boost_interval_s=5.0,
-            max_queue_wait_s=10.0,
-        )
-        for _ in range(3):
-            await scheduler.acquire(ctx(Priority.NORMAL))
+        scheduler = await one_reserved_slot_left(0.3, 5.0, Priority.NORMAL)
         older = asyncio.ensure_future(scheduler.acquire(ctx(Priority.NORMAL)))
         await asyncio.sleep(0.2)
         later = asyncio.ensure_future(
