@@ -216,10 +216,16 @@ class Downstreams:
         async with self._slot("generator", ctx):  # the slot is held for the whole stream
             stream = self.generator.options(stream=True).generate_stream.remote(request)
             try:
-                async for delta in stream:
-                    if (remaining := ctx.remaining_s()) is not None and remaining <= 0:
+                while True:  # each delta waited for no longer than the deadline leaves
+                    try:
+                        delta = await asyncio.wait_for(anext(stream), ctx.remaining_s())
+                    except StopAsyncIteration:
+                        return
+                    except TimeoutError:
                         stream.cancel()
-                        raise DeadlineExceeded("deadline passed while streaming from Generator")
+                        raise DeadlineExceeded(
+                            "deadline passed while streaming from Generator"
+                        ) from None
                     yield delta
             except Exception as exc:
                 mapped = _translate(exc, "Generator")

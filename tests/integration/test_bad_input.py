@@ -256,13 +256,14 @@ def test_oversized_body_is_413_from_the_proxy(http, seeded):
     assert snapshot(http) == before
 
 
-def test_deadline_that_passes_is_504(http, seeded):
+@pytest.mark.parametrize("stream", [False, True])
+def test_deadline_that_passes_is_504(http, seeded, stream):
     r = http.post(
         "/v1/chat/completions",
         headers={"X-Deadline-Ms": "1"},
-        json={"messages": [{"role": "user", "content": "x"}], "max_tokens": 64},
+        json={"messages": [{"role": "user", "content": "x"}], "max_tokens": 64, "stream": stream},
     )
-    assert r.status_code == 504
+    assert r.status_code == 504  # streamed too: no byte was sent before the deadline passed
     assert r.json()["error"]["code"] == "deadline_exceeded"
 
 
