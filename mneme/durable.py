@@ -123,6 +123,25 @@ class RedisMemoryLog:
 
         self._redis = redis.Redis.from_url(url, socket_timeout=10, health_check_interval=10)
         self.streams = [f"{prefix}:{g}" for g in range(groups)]
+        self._refuse_an_evicting_redis(url)
+
+    def _refuse_an_evicting_redis(self, url: str) -> None:
+        """The log is the memories' only copy: a Redis that may evict keys when full (a
+        cache's settings) would drop a stream, and with it every write after the snapshot."""
+        import redis
+
+        try:
+            config = self._redis.config_get("maxmemory*")
+        except redis.ResponseError as exc:  # CONFIG turned off, as in some managed Redis
+            logger.warning("cannot read %s's eviction policy (%s): it must be noeviction", url, exc)
+            return
+        policy = config.get("maxmemory-policy", "noeviction")
+        if int(config.get("maxmemory", 0)) and policy != "noeviction":
+            raise ValueError(
+                f"vector_search.storage.redis_url: {url} may evict keys when full "
+                f"(maxmemory-policy {policy}), and the memory log would lose writes; give the "
+                "log a Redis with maxmemory-policy noeviction (or maxmemory 0), not the cache's"
+            )
 
     def _stream(self, namespace: str) -> str:
         return self.streams[bucket_of(namespace, len(self.streams))]

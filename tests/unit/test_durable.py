@@ -241,3 +241,15 @@ def test_writes_after_a_log_that_lost_its_tail_are_not_taken_for_the_snapshots(t
     after = DurableStore(tmp_path, synchronous="NORMAL")
     after.upsert("a", [NewMemory("new", "after the cut")], unit(rng, 1))
     assert DurableStore(tmp_path).get("a", "new") is not None
+
+
+def test_a_redis_that_may_evict_the_log_is_refused(tmp_path, redis_server):
+    import redis
+
+    server = redis.Redis.from_url(redis_server.url)
+    server.config_set("maxmemory", "100mb")
+    server.config_set("maxmemory-policy", "allkeys-lru")  # a cache's settings
+    with pytest.raises(ValueError, match="maxmemory-policy allkeys-lru"):
+        DurableStore(tmp_path, redis_url=redis_server.url)
+    server.config_set("maxmemory-policy", "noeviction")
+    DurableStore(tmp_path, redis_url=redis_server.url).log.close()
