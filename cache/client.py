@@ -17,7 +17,7 @@ from typing import Any
 import ray
 
 from cache.keys import KeyRequest, bucket_of
-from cache.shard import CacheShard, Lookup
+from cache.shard import ACTOR_SETTINGS, CacheShard, Lookup
 from mneme.coalesce import Coalescer, fire_and_forget
 from mneme.config import CacheConfig, RouterConfig
 
@@ -99,6 +99,24 @@ class CacheClient:
                 )
                 for shard in self.shards
             ]
+
+    async def stale_settings(self) -> dict[str, tuple[Any, Any]]:
+        """Settings the running shard actors differ in from this config: {field: (running,
+        configured)}. The actors are detached and named, so a redeploy that changes these
+        finds them running and they keep theirs (logged as a warning at the Router's start;
+        `serve shutdown`, or `ray.kill` of the named actors, applies the new ones)."""
+        wanted = {name: getattr(self.config, name) for name in ACTOR_SETTINGS}
+        stale: dict[str, tuple[Any, Any]] = {}
+        for shard in self.shards:
+            try:
+                running = await self._call(shard.settings.remote(), 30.0)
+            except Exception as exc:  # a shard starting or gone: nothing to compare
+                logger.debug("cache shard settings unavailable: %r", exc)
+                continue
+            for name, value in running.items():
+                if value != wanted[name]:
+                    stale[name] = (value, wanted[name])
+        return stale
 
     def _shard_of(self, request: KeyRequest) -> int:
         """Namespaced keys live with their namespace's version; the rest spread by key."""

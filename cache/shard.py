@@ -15,6 +15,7 @@ import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -53,6 +54,22 @@ class KindStats:
             "hit_rate": (self.hits_l1 + self.hits_l2) / total if total else 0.0,
             "hit_rate_l1": self.hits_l1 / total if total else 0.0,
         }
+
+
+# The CacheConfig fields a shard actor reads (the rest are the Router's, applied at once).
+ACTOR_SETTINGS = (
+    "max_entries",
+    "max_bytes",
+    "hot_after_hits",
+    "hot_ttl_factor",
+    "redis_url",
+    "l2_timeout_s",
+    "l2_breaker_failures",
+    "l2_breaker_cooldown_s",
+    "ttl_s",
+    "single_flight_wait_s",
+    "semantic_max_per_namespace",
+)
 
 
 class CacheShard:
@@ -97,6 +114,11 @@ class CacheShard:
 
     def ready(self) -> bool:
         return True
+
+    def settings(self) -> dict[str, Any]:
+        """The settings this actor runs with: fixed when it started (it is detached and
+        named, so a redeploy finds it running and keeps them)."""
+        return {name: getattr(self.config, name) for name in ACTOR_SETTINGS}
 
     # ---------------------------------------------------------------- versions
     def version(self, namespace: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Annotated, Any
 
@@ -27,6 +28,7 @@ from mneme.priority import Priority, RequestContext, parse_deadline_ms
 from mneme.shared_result import SharedResult
 from mneme.stats import LatencyBook
 
+logger = logging.getLogger(__name__)
 app = FastAPI(title="Mneme", version="0.1.0")
 app.add_middleware(BodySizeLimit)
 app.add_middleware(ApiKeyGate)  # outermost: 401 before the body is even counted
@@ -80,6 +82,16 @@ class Router:
         self.cache = None
         if config.cache.enabled:
             self.cache = CacheClient(config.cache, app_name, config.router)
+            if stale := await self.cache.stale_settings():
+                logger.warning(
+                    "the running cache actors keep the settings they started with, not this "
+                    "config's: %s. To apply them, `serve shutdown` (or ray.kill the detached "
+                    "actors named mneme-cache:%s:*) and deploy again.",
+                    ", ".join(
+                        f"{k} {old!r} (configured {new!r})" for k, (old, new) in stale.items()
+                    ),
+                    app_name,
+                )
         self.compute = ComputeGraph(config, self.downstreams, self.cache)
         self.service = MnemeService(config, self.compute)
         self.latency = LatencyBook()

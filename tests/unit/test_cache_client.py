@@ -28,6 +28,7 @@ class FakeShardHandle:
         self.await_keys = self._method(shard.await_keys)
         self.bump_delay_s = 0.0
         self.bump = self._method(self._bump)
+        self.settings = self._method(self._settings)
 
     @staticmethod
     def _method(function):
@@ -52,6 +53,9 @@ class FakeShardHandle:
     async def _bump(self, namespace):
         await asyncio.sleep(self.bump_delay_s)
         return self.shard.bump(namespace)
+
+    async def _settings(self):
+        return self.shard.settings()
 
     async def _release(self, keys):
         self.released += keys
@@ -156,5 +160,19 @@ def test_a_write_outlives_its_cancelled_request_and_is_bumped_after_it_lands():
         await asyncio.sleep(0.05)
         assert handle.shard.version("ns") != before
         assert contexts[0] is None or contexts[0]._internal_request_id != "r1"
+
+    asyncio.run(scenario())
+
+
+def test_settings_the_running_cache_actors_keep_are_reported():
+    """The shard actors are detached and named: a redeploy finds them running with the
+    settings they started with, which the Router reports instead of silently ignoring."""
+
+    async def scenario():
+        started = CacheConfig(max_entries=1000)
+        handle = FakeShardHandle(CacheShard(started))
+        configured = CacheConfig(max_entries=5000, actor_timeout_s=9.0)  # the latter: Router's
+        assert await client_of(configured, handle).stale_settings() == {"max_entries": (1000, 5000)}
+        assert await client_of(started, handle).stale_settings() == {}
 
     asyncio.run(scenario())
