@@ -40,6 +40,7 @@ class MnemeService:
         self.compute = compute
         self.embedding_model = config.embedder.model_name
         self.chat_model = config.generator.served_model_name
+        self._embedding_dim: int | None = None  # the embedder's, from its first answer
 
     # ---------------------------------------------------------------- models
     def models(self) -> p.ModelList:
@@ -59,11 +60,10 @@ class MnemeService:
     async def embeddings(self, req: p.EmbeddingRequest, ctx: RequestContext) -> p.EmbeddingResponse:
         req.check_limits(self.limits)
         self._check_model(req.model, self.embedding_model)
+        self._check_dimensions(req.dimensions)  # before any compute, once the size is known
         result = await self.compute.embed(req.texts(), ctx)
-        if req.dimensions is not None and req.dimensions != result.vectors.shape[1]:
-            raise InvalidRequest(
-                f"this model has {result.vectors.shape[1]} dimensions", param="dimensions"
-            )
+        self._embedding_dim = result.vectors.shape[1]
+        self._check_dimensions(req.dimensions)
         data = []
         for i, vector in enumerate(result.vectors):
             if req.encoding_format == "base64":
@@ -77,6 +77,11 @@ class MnemeService:
             model=self.embedding_model,
             usage=p.EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens),
         )
+
+    def _check_dimensions(self, dimensions: int | None) -> None:
+        known = self._embedding_dim
+        if dimensions is not None and known is not None and dimensions != known:
+            raise InvalidRequest(f"this model has {known} dimensions", param="dimensions")
 
     async def prewarm(self, req: p.PrewarmRequest, ctx: RequestContext) -> p.PrewarmResponse:
         req.check_limits(self.limits)

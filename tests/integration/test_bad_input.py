@@ -285,3 +285,11 @@ def test_an_add_answered_504_was_not_made_and_one_answered_200_was(http, seeded)
     stored = {m["id"] for m in http.get("/v1/memories", params={"namespace": space}).json()["data"]}
     assert stored == {memory_id for memory_id, status in outcomes.items() if status == 200}
     assert set(outcomes.values()) == {200, 504}, outcomes  # the sweep crossed the add's time
+
+
+def test_a_wrong_dimensions_is_refused_before_anything_is_embedded(http, seeded):
+    assert http.post("/v1/embeddings", json={"input": "learn the size"}).status_code == 200
+    text = f"never embedded {uuid.uuid4().hex}"
+    r = http.post("/v1/embeddings", json={"input": text, "dimensions": 10})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "dimensions"
+    assert http.post("/v1/embeddings", json={"input": text}).headers["x-cache"] == "miss"
