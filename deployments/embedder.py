@@ -128,7 +128,12 @@ class Embedder:
         self._waited += self._encoding.locked()
         async with self._encoding:
             with self._stats.batch(len(calls), len(flat)):
-                vectors, tokens = await self._encode_split(flat, threads or self._threads)
+                encode = asyncio.ensure_future(self._encode_split(flat, threads or self._threads))
+                try:
+                    vectors, tokens = await asyncio.shield(encode)
+                except asyncio.CancelledError:  # its threads run on: hold the lock till then
+                    await asyncio.wait([encode])
+                    raise
             self._last_encode_end = time.monotonic()
         return Embeddings(vectors, tokens).split([len(texts) for texts in calls])
 

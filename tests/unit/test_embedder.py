@@ -164,3 +164,20 @@ def test_an_export_whose_vectors_stray_from_encodes_is_declined(embedder, monkey
     monkeypatch.setattr(onnx_encoder, "MAX_START_UP_DEVIATION", 0.0)
     encoder, why_not = OnnxEncoder.of(embedder._model, 64)
     assert encoder is None and "differ from encode" in why_not
+
+
+def test_a_cancelled_encode_keeps_the_cores_until_its_threads_end(embedder):
+    """Cancelling a call cannot stop the threads encoding for it: the next encode waits for
+    them (one encode at a time) rather than share the cores with them."""
+
+    async def scenario():
+        texts = [f"a long enough text number {i} to take a while" for i in range(256)]
+        first = asyncio.ensure_future(embedder._encode_calls([texts]))
+        await asyncio.sleep(0.01)  # its threads are encoding
+        first.cancel()
+        await asyncio.sleep(0.02)  # the cancellation has gone through the call
+        held = embedder._encoding.locked()
+        await asyncio.gather(first, return_exceptions=True)
+        return first.cancelled(), held, embedder._encoding.locked()
+
+    assert asyncio.run(scenario()) == (True, True, False)  # released once the threads end
