@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections import Counter, defaultdict
+from collections import Counter, OrderedDict, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,6 +69,7 @@ ACTOR_SETTINGS = (
     "ttl_s",
     "single_flight_wait_s",
     "semantic_max_per_namespace",
+    "semantic_max_answers",
 )
 
 
@@ -108,7 +109,11 @@ class CacheShard:
         self._l2_pending: set[asyncio.Task] = set()
         # (namespace, bucket) -> (version, query vectors, answers), newest last; a bucket is
         # everything but the query that the answer depends on (top_k, filter, max_tokens...)
-        self._semantic: dict[tuple[str, str], tuple[str, list[np.ndarray], list[bytes]]] = {}
+        # least recently used first; `_semantic_size` answers in all, at most
+        # `semantic_max_answers` (callers choose the buckets: top_k, filter, max_tokens)
+        self._semantic: OrderedDict[tuple[str, str], tuple[str, list[np.ndarray], list[bytes]]]
+        self._semantic = OrderedDict()
+        self._semantic_size = 0
         self._semantic_hits = 0
         self._semantic_misses = 0
 
@@ -127,7 +132,7 @@ class CacheShard:
     def bump(self, namespace: str) -> str:
         self._versions[namespace] += 1
         for bucket in [b for b in self._semantic if b[0] == namespace]:
-            del self._semantic[bucket]  # answers of older versions are never served
+            self._drop_semantic(bucket)  # answers of older versions are never served
         return self.version(namespace)
 
     def full_key(self, request: KeyRequest) -> str:
@@ -250,6 +255,8 @@ class CacheShard:
         """(current version, the answer of the most similar cached query if >= threshold)."""
         version = self.version(namespace)
         entry = self._semantic.get((namespace, bucket))
+        if entry is not None:
+            self._semantic.move_to_end((namespace, bucket))
         if entry is not None and entry[0] == version and entry[1]:
             scores = np.stack(entry[1]) @ np.asarray(vector, dtype=np.float32)
             best = int(np.argmax(scores))
@@ -265,14 +272,26 @@ class CacheShard:
         """Register an answer computed at `version`; refused if the namespace moved on."""
         if version != self.version(namespace):
             return False
-        entry = self._semantic.get((namespace, bucket))
+        key = (namespace, bucket)
+        entry = self._semantic.get(key)
         if entry is None or entry[0] != version:
-            entry = self._semantic[(namespace, bucket)] = (version, [], [])
+            self._drop_semantic(key)
+            entry = self._semantic[key] = (version, [], [])
+        self._semantic.move_to_end(key)
         entry[1].append(np.asarray(vector, dtype=np.float32))
         entry[2].append(answer)
+        self._semantic_size += 1
         if len(entry[1]) > self.config.semantic_max_per_namespace:
             del entry[1][0], entry[2][0]
+            self._semantic_size -= 1
+        while self._semantic_size > self.config.semantic_max_answers:
+            self._drop_semantic(next(iter(self._semantic)))
         return True
+
+    def _drop_semantic(self, key: tuple[str, str]) -> None:
+        entry = self._semantic.pop(key, None)
+        if entry is not None:
+            self._semantic_size -= len(entry[1])
 
     # ------------------------------------------------------------------ stats
     def stats(self) -> dict:

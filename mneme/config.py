@@ -260,6 +260,12 @@ class CacheConfig(StrictModel):
     semantic_max_per_namespace: int = Field(
         1000, ge=1, description="Answers kept for semantic lookup per namespace version."
     )
+    semantic_max_answers: int = Field(
+        100_000,
+        ge=1,
+        description="Answers kept for semantic lookup per cache actor, all namespaces and "
+        "request shapes together; the least recently used shapes go first.",
+    )
 
 
 class SchedulerConfig(StrictModel):

@@ -268,3 +268,26 @@ def test_a_store_landing_during_the_l2_read_is_not_recomputed(redis_server):
 
     late = run(go())
     assert late.owned == [] and list(late.found.values()) == [(b"v", "hit-l1")]
+
+
+def test_semantic_answers_are_bounded_across_buckets_least_recently_used_first():
+    """Callers choose the buckets (top_k, filter, max_tokens): without a bound over all of
+    them, varying one would grow the actor until it runs out of memory."""
+    q = np.ones(4, dtype=np.float32) / 2.0
+    shard = CacheShard(CacheConfig(semantic_max_answers=3))
+
+    def add(namespace: str, bucket: str) -> None:
+        assert shard.semantic_add(namespace, bucket, shard.version(namespace), q, bucket.encode())
+
+    def cached(namespace: str, bucket: str) -> bool:
+        return shard.semantic_lookup(namespace, bucket, q, 0.9)[1] is not None
+
+    for bucket in ("b1", "b2", "b3"):
+        add("ns", bucket)
+    assert cached("ns", "b1")  # used: b2 is now the least recently used
+    add("ns", "b4")
+    assert [cached("ns", b) for b in ("b1", "b2", "b3", "b4")] == [True, False, True, True]
+    shard.bump("ns")  # its answers are dropped, and no longer count
+    for bucket in ("c1", "c2", "c3"):
+        add("other", bucket)
+    assert all(cached("other", b) for b in ("c1", "c2", "c3"))
