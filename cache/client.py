@@ -18,7 +18,7 @@ import ray
 
 from cache.keys import KeyRequest, bucket_of
 from cache.shard import ACTOR_SETTINGS, CacheShard, Lookup
-from mneme.coalesce import Coalescer, fire_and_forget
+from mneme.coalesce import Coalescer, detached, fire_and_forget
 from mneme.config import CacheConfig, RouterConfig
 
 logger = logging.getLogger(__name__)
@@ -209,9 +209,7 @@ class CacheClient:
         try:
             return await self._call(ref)
         except BaseException:
-            task = asyncio.ensure_future(self._release_when_answered(shard, ref))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            detached(self._release_when_answered(shard, ref), self._background)
             raise
 
     async def _release_when_answered(self, shard: int, ref: Any) -> None:

@@ -174,9 +174,7 @@ class ComputeGraph:
                 )
             return written
 
-        task = detached(write_then_bump())  # not cancelled with its request by Serve
-        self._writes.add(task)
-        task.add_done_callback(self._writes.discard)
+        task = detached(write_then_bump(), self._writes)  # not cancelled with its request
         fire_and_forget(task)  # its failure is reported to the request, if it is still there
         return await asyncio.shield(task)
 

@@ -200,10 +200,10 @@ class Downstreams:
         queue does not undo the aging."""
 
         def start(attempt: int, lease: Lease) -> DeploymentResponse:
-            request_id = f"{request.request_id}-preempted{attempt}" if attempt else None
+            retry = f"-preempted{attempt}" if attempt else ""
             sent = dataclasses.replace(
                 request,
-                request_id=request_id or request.request_id,
+                request_id=request.request_id + retry,
                 priority=min(request.priority, lease.dispatched_class),
             )
             return self.generator.generate.remote(sent)

@@ -42,10 +42,16 @@ HEALTH_MAX_AGE_S = 1.0  # /healthz reuses a check this young (it is public)
 
 # Above the Router: `serve.ingress` pickles its routes, with the names they use, as the class
 # is defined.
+def _sees_every_namespace(caller: Principal | None) -> bool:
+    """No key (auth off) or a key allowed every namespace: it may see what the shared caches
+    hold (X-Cache, prewarm counts, the stats), which tells of every namespace's traffic."""
+    return caller is None or caller.sees_every_namespace
+
+
 def _check_sees_everything(caller: Principal | None) -> None:
     """The stats count every namespace's cache hits: a key held to some namespaces could
     learn from them what another namespace stored or asked (as it could from X-Cache)."""
-    if caller is not None and not caller.sees_every_namespace:
+    if not _sees_every_namespace(caller):
         raise Forbidden(
             f"API key {caller.name!r} may not read the stats: they count every namespace's "
             "cache hits; use a key allowed every namespace ('*')",
@@ -124,7 +130,7 @@ class Router:
         return RequestContext(
             priority=priority,
             deadline=parse_deadline_ms(deadline_ms),
-            reveal_cache=caller is None or caller.sees_every_namespace,
+            reveal_cache=_sees_every_namespace(caller),
         )
 
     def _done(self, route: str, ctx: RequestContext, response: Response) -> None:

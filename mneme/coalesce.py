@@ -83,9 +83,7 @@ class Coalescer:
         self.in_flight += 1
         self.calls += 1
         self.items += size
-        task = detached(self._run(batch))  # it serves every caller in it, not the first's
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        detached(self._run(batch), self._tasks)  # it serves every caller in it, not the first's
 
     async def _run(self, batch: list[tuple[list[Any], asyncio.Future]]) -> None:
         try:
@@ -123,12 +121,16 @@ def _gone() -> Exception:
     return RuntimeError("the merged call was cancelled (shutting down?)")
 
 
-def detached(coroutine: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
-    """A task outside the current request's context. Ray Serve cancels a request's child
-    calls when the request is cancelled (its client disconnected), and knows them by the
-    context they were made in: work done for several requests, or work that must finish
-    whatever happens to the request that started it, must not run in that context."""
-    return asyncio.get_running_loop().create_task(coroutine, context=contextvars.Context())
+def detached(coroutine: Coroutine[Any, Any, T], running: set[asyncio.Task]) -> asyncio.Task[T]:
+    """A task outside the current request's context, held in `running` until it ends (the
+    event loop keeps only a weak reference). Ray Serve cancels a request's child calls when
+    the request is cancelled (its client disconnected), and knows them by the context they
+    were made in: work done for several requests, or work that must finish whatever happens
+    to the request that started it, must not run in that context."""
+    task = asyncio.get_running_loop().create_task(coroutine, context=contextvars.Context())
+    running.add(task)
+    task.add_done_callback(running.discard)
+    return task
 
 
 def fire_and_forget(future: asyncio.Future) -> None:

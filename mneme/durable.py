@@ -274,7 +274,8 @@ class DurableStore:
 
     # The same calls as MemoryStore.
     def upsert(self, namespace: str, items: Sequence[NewMemory], vectors: np.ndarray) -> list[str]:
-        self.catch_up()  # another replica may have set the store's dimension
+        if self.store.dim is None:  # another replica may have set it since
+            self.catch_up()
         vectors = checked_vectors(items, vectors, self.store.dim)  # never log what fails
         self._write(namespace, "upsert", (list(items), vectors))
         return [item.id for item in items]

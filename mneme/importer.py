@@ -33,6 +33,8 @@ from typing import Any
 import httpx
 from tqdm import tqdm
 
+from cache.keys import digest
+
 
 class ImportFailed(RuntimeError):
     pass
@@ -55,8 +57,7 @@ def file_digest(path: Path) -> str:
 
 
 def content_id(namespace: str, text: str, metadata: Any) -> str:
-    payload = json.dumps([namespace, text, metadata], sort_keys=True, ensure_ascii=False)
-    return f"import-{hashlib.sha256(payload.encode('utf-8', 'surrogatepass')).hexdigest()[:24]}"
+    return f"import-{digest([namespace, text, metadata])}"
 
 
 def read_batches(path: Path, start_line: int, default_ns: str | None, size: int) -> Iterator[Batch]:

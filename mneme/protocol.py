@@ -20,13 +20,20 @@ from mneme.errors import InvalidRequest
 ID_PATTERN = NAMESPACE_PATTERN
 
 
+def _has_lone_surrogates(value: str) -> bool:
+    """True if `value` is not valid unicode: UTF-8 (and JSON output) cannot encode it."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def _encoding_problem(value: str) -> str | None:
     """Why `value` cannot be stored or tokenised as text, or None."""
     if "\x00" in value:
         return "text must not contain NUL characters"
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
+    if _has_lone_surrogates(value):
         return "text must be valid unicode (no lone surrogates)"
     return None
 
@@ -87,7 +94,7 @@ def _metadata_problem(metadata: dict[str, Any]) -> str | None:
             stack += [(v, depth + 1) for v in value]
         elif isinstance(value, float) and not math.isfinite(value):
             return "metadata must not hold NaN or Infinity (JSON has neither)"
-        elif isinstance(value, str) and _encoding_problem(value.replace("\x00", "")):
+        elif isinstance(value, str) and _has_lone_surrogates(value):
             return "metadata strings must be valid unicode (no lone surrogates)"
     return None
 
