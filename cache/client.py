@@ -9,6 +9,7 @@ a miss, never an error: the request is computed instead.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
@@ -20,6 +21,7 @@ from cache.keys import KeyRequest, bucket_of
 from cache.shard import ACTOR_SETTINGS, CacheShard, Lookup
 from mneme.coalesce import Coalescer, detached, fire_and_forget
 from mneme.config import CacheConfig, RouterConfig
+from mneme.priority import Priority
 
 logger = logging.getLogger(__name__)
 Compute = Callable[[list[int]], Awaitable[list[bytes]]]
@@ -135,10 +137,14 @@ class CacheClient:
         compute: Compute,
         tiers: list[str] | None = None,
         wait_s: float | None = None,
+        priority: int = Priority.NORMAL,
     ) -> list[bytes]:
         """Values for `requests`, in order; `compute(indices)` is called for owned misses,
         and for joined ones whose owner has not delivered within `wait_s` (the request's
-        time left) or `single_flight_wait_s`, whichever is shorter."""
+        time left) or `single_flight_wait_s`, whichever is shorter. `priority`: the
+        request's class; a miss a less urgent request is computing is computed here too."""
+        if priority != Priority.NORMAL:
+            requests = [dataclasses.replace(r, priority=int(priority)) for r in requests]
         by_shard: dict[int, list[int]] = defaultdict(list)
         for i, request in enumerate(requests):
             by_shard[self._shard_of(request)].append(i)
@@ -149,7 +155,7 @@ class CacheClient:
         duplicates: list[tuple[int, int]] = []  # (index, index of the same key's first use)
         to_compute: list[int] = []
         tasks = [
-            asyncio.ensure_future(self._lookup(s, [requests[i] for i in idx]))
+            asyncio.ensure_future(self._lookup(s, [requests[i] for i in idx], priority))
             for s, idx in by_shard.items()
         ]
         try:
@@ -192,10 +198,12 @@ class CacheClient:
             tiers.extend(labels)
         return values  # type: ignore[return-value]
 
-    async def _lookup(self, shard: int, requests: list[KeyRequest]) -> Lookup | None:
+    async def _lookup(
+        self, shard: int, requests: list[KeyRequest], priority: int = Priority.NORMAL
+    ) -> Lookup | None:
         try:
-            if self._lookups is not None:
-                return await self._lookups[shard].submit(requests)
+            if self._lookups is not None:  # the most urgent first, and first to own a miss
+                return await self._lookups[shard].submit(requests, priority)
             return await self._claiming_lookup(shard, requests)
         except Exception as exc:
             logger.warning("cache shard %d lookup failed (%r): computing instead", shard, exc)
@@ -319,7 +327,7 @@ def aggregate(shards: list[dict], expected: int) -> dict[str, Any]:
         for name in semantic:
             semantic[name] += shard["semantic"][name]
         for kind, figures in shard["kinds"].items():
-            for name in ("hits_l1", "hits_l2", "misses", "joined", "requests"):
+            for name in ("hits_l1", "hits_l2", "misses", "joined", "overtaken", "requests"):
                 kinds[kind][name] += figures[name]
         for name, value in shard["l1"].items():
             l1[name] += value

@@ -13,8 +13,10 @@ import hashlib
 import json
 import unicodedata
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+from mneme.priority import Priority
 
 
 class Kind(enum.StrEnum):
@@ -27,11 +29,14 @@ class Kind(enum.StrEnum):
 
 @dataclass(frozen=True)
 class KeyRequest:
-    """One lookup. `namespace` set = the actor appends that namespace's current version."""
+    """One lookup. `namespace` set = the actor appends that namespace's current version.
+    `priority`: the class of the request asking (lower is more urgent); a miss someone else
+    is computing is joined only when that owner is at least as urgent."""
 
     kind: Kind
     base: str
     namespace: str | None = None
+    priority: int = field(default=Priority.NORMAL, compare=False)
 
 
 def bucket_of(text: str, buckets: int) -> int:

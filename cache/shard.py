@@ -37,11 +37,22 @@ class Lookup:
 
 
 @dataclass
+class Claim:
+    """A miss being computed: its value once stored (None: released), since when, and the
+    most urgent class computing it."""
+
+    done: asyncio.Future
+    started: float
+    priority: int
+
+
+@dataclass
 class KindStats:
     hits_l1: int = 0
     hits_l2: int = 0
     misses: int = 0
     joined: int = 0  # misses that waited for another caller's computation
+    overtaken: int = 0  # misses computed beside a less urgent owner instead of joining it
 
     def as_dict(self) -> dict[str, float]:
         total = self.hits_l1 + self.hits_l2 + self.misses
@@ -50,6 +61,7 @@ class KindStats:
             "hits_l2": self.hits_l2,
             "misses": self.misses,
             "joined": self.joined,
+            "overtaken": self.overtaken,
             "requests": total,
             "hit_rate": (self.hits_l1 + self.hits_l2) / total if total else 0.0,
             "hit_rate_l1": self.hits_l1 / total if total else 0.0,
@@ -102,7 +114,7 @@ class CacheShard:
         # A fresh epoch per start: versions from before a restart can never match again.
         self.epoch = uuid.uuid4().hex[:8]
         self._versions: dict[str, int] = defaultdict(int)
-        self._inflight: dict[str, tuple[asyncio.Future, float]] = {}
+        self._inflight: dict[str, Claim] = {}
         self._kinds: dict[Kind, KindStats] = defaultdict(KindStats)
         self._l2_errors = 0
         self._l2_writes_dropped = 0
@@ -167,6 +179,9 @@ class CacheShard:
                     stats.hits_l1 += occurrences[key]
                 else:
                     stats.hits_l2 += occurrences[key]
+        urgency: dict[str, int] = {}  # a key's most urgent class among the requests
+        for key, request in zip(keys, requests, strict=True):
+            urgency[key] = min(urgency.get(key, request.priority), request.priority)
         now = self.timer()
         for key in missing:
             stats = self._kinds[kinds[key]]
@@ -174,18 +189,25 @@ class CacheShard:
             if not claim:
                 continue
             inflight = self._inflight.get(key)
-            if inflight is not None and now - inflight[1] < self.config.single_flight_wait_s:
+            if inflight is None or now - inflight.started >= self.config.single_flight_wait_s:
+                future = asyncio.get_running_loop().create_future()
+                self._inflight[key] = Claim(future, now, urgency[key])
+            elif inflight.priority <= urgency[key]:
                 result.pending.append(key)
                 stats.joined += occurrences[key]
-            else:
-                self._inflight[key] = (asyncio.get_running_loop().create_future(), now)
-                result.owned.append(key)
-                stats.joined += occurrences[key] - 1
+                continue
+            else:  # its owner is less urgent (and may wait long for its slot): compute
+                # beside it; whoever joins from now on joins at this class, and the first
+                # value stored wakes every waiter
+                inflight.priority, inflight.started = urgency[key], now
+                stats.overtaken += 1
+            result.owned.append(key)
+            stats.joined += occurrences[key] - 1
         return result
 
     async def await_keys(self, keys: list[str], timeout_s: float) -> dict[str, bytes]:
         """Values of pending keys once their owners store them (missing: compute yourself)."""
-        waits = {k: self._inflight[k][0] for k in keys if k in self._inflight}
+        waits = {k: self._inflight[k].done for k in keys if k in self._inflight}
         found = self.l1.get_many_now([k for k in keys if k not in waits])
         if waits:
             await asyncio.wait([asyncio.shield(f) for f in waits.values()], timeout=timeout_s)
@@ -225,8 +247,8 @@ class CacheShard:
 
     def _resolve(self, key: str, value: bytes | None) -> None:
         inflight = self._inflight.pop(key, None)
-        if inflight is not None and not inflight[0].done():
-            inflight[0].set_result(value)
+        if inflight is not None and not inflight.done.done():
+            inflight.done.set_result(value)
 
     def _write_behind(self, items: dict[str, bytes], ttl: float) -> None:
         if len(self._l2_pending) >= MAX_PENDING_L2_WRITES:

@@ -78,7 +78,7 @@ class ComputeGraph:
             return [_dumps(await produce())]
 
         [value] = await self.cache.get_or_compute(
-            [key], compute, self._tiers(ctx), ctx.remaining_s()
+            [key], compute, self._tiers(ctx), ctx.remaining_s(), ctx.priority
         )
         return pickle.loads(value)
 
@@ -119,7 +119,9 @@ class ComputeGraph:
             ]
 
         keys = [embedding_key(self.embedding_model, text) for text in texts]
-        values = await self.cache.get_or_compute(keys, compute, self._tiers(ctx), ctx.remaining_s())
+        values = await self.cache.get_or_compute(
+            keys, compute, self._tiers(ctx), ctx.remaining_s(), ctx.priority
+        )
         pairs = [pickle.loads(v) for v in values]
         return Embeddings(
             np.stack([p[0] for p in pairs]).astype(np.float32), [int(p[1]) for p in pairs]

@@ -133,3 +133,33 @@ def test_a_critical_request_preempts_a_long_background_generation(served, http):
     assert float(critical.headers["x-queue-wait-ms"]) < 1000
     after = generator_scheduler(http)["classes"]["background"]["preempted"]
     assert after == before + 1
+
+
+def test_a_critical_request_does_not_wait_for_a_queued_background_one_asking_the_same(served, http):
+    """Single flight would have the critical chat join the identical background chat that
+    owns its cache miss, and so wait out the background one's queue. It is generated for
+    the critical request instead, ahead of the queue, and both get the same answer."""
+    body = {
+        "messages": [{"role": "user", "content": f"same question {time.monotonic_ns()}"}],
+        "max_tokens": 8,
+        "temperature": 0,  # cacheable: one cache key for both
+    }
+
+    def ask(priority: str) -> httpx.Response:
+        with served.client(timeout=120.0) as c:
+            return c.post("/v1/chat/completions", headers={"X-Priority": priority}, json=body)
+
+    overtaken = http.get("/v1/stats").json()["cache"]["kinds"].get("chat", {}).get("overtaken", 0)
+    with generator_busy(served, http), ThreadPoolExecutor(max_workers=1) as pool:
+        queued = generator_scheduler(http)["waiting"]
+        background = pool.submit(ask, "background")
+        wait_for(lambda: generator_scheduler(http)["waiting"] > queued)  # it owns the miss
+        critical = ask("critical")
+        background_was_done = background.done()
+        assert background.result().status_code == 200
+    assert critical.status_code == 200, critical.text
+    assert not background_was_done  # still queued behind `high` when the critical one ended
+    text = critical.json()["choices"][0]["message"]["content"]
+    assert background.result().json()["choices"][0]["message"]["content"] == text
+    kinds = http.get("/v1/stats").json()["cache"]["kinds"]
+    assert kinds["chat"]["overtaken"] == overtaken + 1

@@ -13,6 +13,7 @@ from cache.shard import CacheShard
 from deployments.compute import ComputeGraph
 from mneme.config import CacheConfig, MnemeConfig
 from mneme.errors import Unavailable
+from mneme.priority import Priority
 
 
 class FakeShardHandle:
@@ -26,6 +27,7 @@ class FakeShardHandle:
         self.lookup = self._method(self._lookup)
         self.release = self._method(self._release)
         self.await_keys = self._method(shard.await_keys)
+        self.store = self._method(shard.store)
         self.bump_delay_s = 0.0
         self.bump = self._method(self._bump)
         self.settings = self._method(self._settings)
@@ -100,6 +102,41 @@ def test_a_joined_miss_is_waited_for_no_longer_than_the_request_has_left():
         joined = client.get_or_compute([key], compute, wait_s=0.1)
         assert await asyncio.wait_for(joined, 5.0) == [b"computed here"]
         assert computed == [[0]]
+
+    asyncio.run(scenario())
+
+
+def test_an_urgent_request_does_not_wait_for_a_background_owner():
+    """The background owner of a miss is stuck (in its scheduler queue, say): a critical
+    request computes the value itself at once, and the background one's joiners get it."""
+
+    async def scenario():
+        config = CacheConfig()
+        handle = FakeShardHandle(CacheShard(config))
+        client = client_of(config, handle)
+        key = embedding_key("model", "wanted by all")
+        stuck = asyncio.Event()
+
+        async def background_compute(indices: list[int]) -> list[bytes]:
+            await stuck.wait()
+            return [b"background's"]
+
+        async def compute(indices: list[int]) -> list[bytes]:
+            return [b"critical's"]
+
+        background = asyncio.ensure_future(
+            client.get_or_compute([key], background_compute, priority=Priority.BACKGROUND)
+        )
+        await asyncio.sleep(0.05)  # it owns the miss now
+        joiner = asyncio.ensure_future(
+            client.get_or_compute([key], background_compute, priority=Priority.BACKGROUND)
+        )
+        await asyncio.sleep(0.05)
+        critical = client.get_or_compute([key], compute, priority=Priority.CRITICAL)
+        assert await asyncio.wait_for(critical, 1.0) == [b"critical's"]
+        assert await asyncio.wait_for(joiner, 1.0) == [b"critical's"]
+        stuck.set()
+        assert await background == [b"background's"]
 
     asyncio.run(scenario())
 
