@@ -55,28 +55,40 @@ def shard_actor_name(app_name: str, shard: int) -> str:
     return f"mneme-cache:{app_name}:{shard}"
 
 
+def _shard_actor(config: CacheConfig, app_name: str, shard: int) -> Any:
+    """The named shard actor, started with `config` unless it is running already. Detached
+    and named: every Router replica (and a restarted one) finds the same shards."""
+    return (
+        ray.remote(CacheShard)
+        .options(
+            name=shard_actor_name(app_name, shard),
+            get_if_exists=True,
+            lifetime="detached",
+            num_cpus=0,
+            max_restarts=-1,
+            max_task_retries=0,
+            max_concurrency=10_000,
+        )
+        .remote(config, shard)
+    )
+
+
 class CacheClient:
     """Handles to the cache shards of one application (created on first use, then shared)."""
 
     def __init__(
-        self, config: CacheConfig, app_name: str = "mneme", router: RouterConfig | None = None
+        self,
+        config: CacheConfig,
+        app_name: str = "mneme",
+        router: RouterConfig | None = None,
+        shards: int | None = None,
     ):
+        """`shards`: how many shard actors the keys spread over (default `config.shards`);
+        `connect` passes the running cache's count."""
         self.config = config
         router = router or RouterConfig()
-        actor = ray.remote(CacheShard)
-        # Detached and named: every Router replica (and a restarted one) finds the same shards.
-        self.shards = [
-            actor.options(
-                name=shard_actor_name(app_name, i),
-                get_if_exists=True,
-                lifetime="detached",
-                num_cpus=0,
-                max_restarts=-1,
-                max_task_retries=0,
-                max_concurrency=10_000,
-            ).remote(config, i)
-            for i in range(config.shards)
-        ]
+        count = config.shards if shards is None else shards
+        self.shards = [_shard_actor(config, app_name, i) for i in range(count)]
         self._background: set[asyncio.Future] = set()  # releases of claims nobody took up
         # Concurrent requests' lookups (and stores) to one shard go as one actor call.
         self._lookups: list[Coalescer] | None = None
@@ -102,11 +114,31 @@ class CacheClient:
                 for shard in self.shards
             ]
 
+    @classmethod
+    async def connect(
+        cls, config: CacheConfig, app_name: str = "mneme", router: RouterConfig | None = None
+    ) -> CacheClient:
+        """A client of the application's cache as it runs: its keys spread over as many
+        shards as the running actors have (the first shard's `shards` setting), whatever
+        `config.shards` says. Routers of an old and a new config side by side (a rolling
+        update) must map every namespace to the same shard, or a write would bump its
+        version where the other Routers do not look, and they would go on serving the
+        results cached before it."""
+        shards = config.shards
+        try:
+            running = await asyncio.wait_for(
+                _awaited(_shard_actor(config, app_name, 0).settings.remote()), 30.0
+            )
+            shards = running.get("shards", shards)  # absent: an actor older than the setting
+        except Exception as exc:  # starting or gone: its count is the configured one
+            logger.warning("cache shard 0 did not answer (%r): using cache.shards", exc)
+        return cls(config, app_name, router, shards)
+
     async def stale_settings(self) -> dict[str, tuple[Any, Any]]:
         """Settings the running shard actors differ in from this config: {field: (running,
         configured)}. The actors are detached and named, so a redeploy that changes these
         finds them running and they keep theirs (logged as a warning at the Router's start;
-        `serve shutdown`, or `ray.kill` of the named actors, applies the new ones)."""
+        `python -m cache.reset` between `serve shutdown` and the deploy applies them)."""
         wanted = {name: getattr(self.config, name) for name in ACTOR_SETTINGS}
         stale: dict[str, tuple[Any, Any]] = {}
         for shard in self.shards:

@@ -70,6 +70,7 @@ class KindStats:
 
 # The CacheConfig fields a shard actor reads (the rest are the Router's, applied at once).
 ACTOR_SETTINGS = (
+    "shards",  # not read by a shard: the count every Router adopts (CacheClient.connect)
     "max_entries",
     "max_bytes",
     "hot_after_hits",

@@ -87,12 +87,12 @@ class Router:
         )
         self.cache = None
         if config.cache.enabled:
-            self.cache = CacheClient(config.cache, app_name, config.router)
+            self.cache = await CacheClient.connect(config.cache, app_name, config.router)
             if stale := await self.cache.stale_settings():
                 logger.warning(
                     "the running cache actors keep the settings they started with, not this "
-                    "config's: %s. To apply them, `serve shutdown` (or ray.kill the detached "
-                    "actors named mneme-cache:%s:*) and deploy again.",
+                    "config's: %s. To apply them: `serve shutdown`, then `python -m "
+                    "cache.reset --app %s` (stops the detached cache actors), then deploy.",
                     ", ".join(
                         f"{k} {old!r} (configured {new!r})" for k, (old, new) in stale.items()
                     ),

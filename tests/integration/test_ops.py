@@ -1,8 +1,16 @@
-"""Operations endpoints: health, stats, Prometheus metrics."""
+"""Operations: health, stats, Prometheus metrics, the cache actors' lifecycle."""
+
+import asyncio
+import subprocess
+import sys
+from unittest.mock import ANY
 
 import pytest
 
-from tests.integration.conftest import wait_until
+from cache.client import CacheClient, shard_actor_name
+from cache.reset import cache_actors, reset
+from mneme.config import CacheConfig
+from tests.integration.conftest import APP_NAME, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -89,3 +97,37 @@ def test_access_log_has_the_http_request_not_the_downstream_calls(http):
     embedder_new = lines("Embedder")[embedder_before:]
     assert not [line for line in embedder_new if " CALL " in line], embedder_new[-5:]
     assert lines("Embedder"), "the Embedder writes its log file (start-up lines at least)"
+
+
+def test_the_cache_keeps_its_shard_count_and_is_reset_only_once_its_app_is_gone(served):
+    """Routers adopt the running cache actors' shard count (an old and a new config side by
+    side map every namespace alike); `python -m cache.reset` stops an application's actors,
+    so that the next deploy starts them with its config, and refuses while it is deployed."""
+    app = "reset-test"
+
+    async def client(shards: int) -> CacheClient:
+        return await CacheClient.connect(CacheConfig(shards=shards), app)
+
+    async def scenario():
+        first = await client(2)
+        assert len(first.shards) == 2
+        later = await client(3)  # a new config while the cache runs: it keeps its 2
+        assert len(later.shards) == 2
+        assert (await later.stale_settings())["shards"] == (2, 3)
+        assert reset(app) == [shard_actor_name(app, 0), shard_actor_name(app, 1)]
+        assert cache_actors(app) == []
+        after = await client(3)
+        assert len(after.shards) == 3 and await after.stale_settings() == {}
+        return reset(app)
+
+    assert len(asyncio.run(scenario())) == 3
+    with pytest.raises(RuntimeError, match="is deployed"):
+        reset(APP_NAME)
+    refused = subprocess.run(
+        [sys.executable, "-m", "cache.reset", "--app", APP_NAME],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert refused.returncode == 1 and "is deployed" in refused.stderr, refused.stderr
+    assert cache_actors(APP_NAME) == [(shard_actor_name(APP_NAME, 0), ANY)]  # untouched
