@@ -38,7 +38,7 @@ def split_lookup(lookup: Lookup, sizes: list[int]) -> list[Lookup]:
     for size in sizes:
         keys = lookup.keys[start : start + size]
         start += size
-        part = Lookup(keys, lookup.found)
+        part = Lookup(keys, lookup.found, owners=lookup.owners)
         for key in dict.fromkeys(keys):
             if key in lookup.found:
                 continue
@@ -90,6 +90,7 @@ class CacheClient:
         count = config.shards if shards is None else shards
         self.shards = [_shard_actor(config, app_name, i) for i in range(count)]
         self._background: set[asyncio.Future] = set()  # releases of claims nobody took up
+        self.hedged = 0  # joined misses computed here after all (owner slow, gone or failed)
         # Concurrent requests' lookups (and stores) to one shard go as one actor call.
         self._lookups: list[Coalescer] | None = None
         self._stores: list[Coalescer] | None = None
@@ -174,7 +175,8 @@ class CacheClient:
         """Values for `requests`, in order; `compute(indices)` is called for owned misses,
         and for joined ones whose owner has not delivered within `wait_s` (the request's
         time left) or `single_flight_wait_s`, whichever is shorter. `priority`: the
-        request's class; a miss a less urgent request is computing is computed here too."""
+        request's class; a miss that a less urgent request owns is waited for at most
+        `hedge_after_ms` (that request may be queued behind more urgent work)."""
         if priority != Priority.NORMAL:
             requests = [dataclasses.replace(r, priority=int(priority)) for r in requests]
         by_shard: dict[int, list[int]] = defaultdict(list)
@@ -183,7 +185,8 @@ class CacheClient:
         values: list[bytes | None] = [None] * len(requests)
         labels = ["miss"] * len(requests)
         owned: list[tuple[int, str, int]] = []  # (shard, key, index)
-        pending: dict[int, dict[str, int]] = defaultdict(dict)  # shard -> key -> index
+        # (shard, outranked) -> key -> index: misses others compute, waited for together
+        pending: dict[tuple[int, bool], dict[str, int]] = defaultdict(dict)
         duplicates: list[tuple[int, int]] = []  # (index, index of the same key's first use)
         to_compute: list[int] = []
         tasks = [
@@ -208,8 +211,9 @@ class CacheClient:
                     values[i], labels[i] = lookup.found[key]
                 elif key in first_of:  # the same key twice in one request: get it once
                     duplicates.append((i, first_of[key]))
-                elif key in pending_keys:
-                    first_of[key] = pending[shard][key] = i
+                elif key in pending_keys:  # its owner may be less urgent: wait less for it
+                    late = lookup.owners.get(key, priority) > priority
+                    first_of[key] = pending[shard, late][key] = i
                 else:  # owned: a claimed lookup leaves every other miss to this caller
                     first_of[key] = i
                     owned.append((shard, key, i))
@@ -218,10 +222,11 @@ class CacheClient:
         if pending:
             wait = self.config.single_flight_wait_s
             wait = wait if wait_s is None else max(0.0, min(wait, wait_s))
+            hedge = min(wait, self.config.hedge_after_ms / 1000)
             await asyncio.gather(
                 *(
-                    self._collect(shard, keys, compute, values, wait)
-                    for shard, keys in pending.items()
+                    self._collect(shard, keys, requests, compute, values, hedge if late else wait)
+                    for (shard, late), keys in pending.items()
                 )
             )
         for i, first in duplicates:
@@ -277,16 +282,27 @@ class CacheClient:
         per_shard: dict[int, list[tuple[str, Any, bytes]]] = defaultdict(list)
         for shard, key, i in owned:
             per_shard[shard].append((key, requests[i].kind, values[i]))
-        for shard, entries in per_shard.items():  # fire and forget: never blocks a reply
-            if self._stores is not None:
-                fire_and_forget(self._stores[shard].submit(entries))
-            else:
-                self.shards[shard].store.remote(entries)
+        for shard, entries in per_shard.items():
+            self._store(shard, entries)
+
+    def _store(self, shard: int, entries: list[tuple[str, Any, bytes]]) -> None:
+        """Fire and forget: never blocks a reply. Wakes whoever waits on these keys."""
+        if self._stores is not None:
+            fire_and_forget(self._stores[shard].submit(entries))
+        else:
+            self.shards[shard].store.remote(entries)
 
     async def _collect(
-        self, shard: int, keys: dict[str, int], compute: Compute, values, wait_s: float
+        self,
+        shard: int,
+        keys: dict[str, int],
+        requests: Sequence[KeyRequest],
+        compute: Compute,
+        values,
+        wait_s: float,
     ) -> None:
-        """Values other callers are computing; compute here what they fail to deliver."""
+        """Values other callers are computing; compute here (and store, waking whoever else
+        waits) what they fail to deliver within `wait_s`."""
         known: dict[str, bytes] = {}
         try:
             ref = self.shards[shard].await_keys.remote(list(keys), wait_s)
@@ -294,9 +310,11 @@ class CacheClient:
         except Exception as exc:
             logger.warning("waiting for joined misses failed (%r): computing", exc)
         missing = [key for key in keys if key not in known]
-        if missing:  # the owner failed or timed out
+        if missing:  # the owner failed, or is slow (queued behind more urgent work?)
+            self.hedged += len(missing)
             computed = await compute([keys[key] for key in missing])
             known.update(zip(missing, computed, strict=True))
+            self._store(shard, [(k, requests[keys[k]].kind, known[k]) for k in missing])
         for key, i in keys.items():
             values[i] = known[key]
 
@@ -359,7 +377,7 @@ def aggregate(shards: list[dict], expected: int) -> dict[str, Any]:
         for name in semantic:
             semantic[name] += shard["semantic"][name]
         for kind, figures in shard["kinds"].items():
-            for name in ("hits_l1", "hits_l2", "misses", "joined", "overtaken", "requests"):
+            for name in ("hits_l1", "hits_l2", "misses", "joined", "outranked", "requests"):
                 kinds[kind][name] += figures[name]
         for name, value in shard["l1"].items():
             l1[name] += value

@@ -34,12 +34,15 @@ class Lookup:
     found: dict[str, tuple[bytes, str]] = field(default_factory=dict)  # key -> (value, tier)
     owned: list[str] = field(default_factory=list)
     pending: list[str] = field(default_factory=list)
+    # the class of each pending key's owner: a more urgent asker waits for it only
+    # `cache.hedge_after_ms`, then computes it too
+    owners: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
 class Claim:
-    """A miss being computed: its value once stored (None: released), since when, and the
-    most urgent class computing it."""
+    """A miss being computed: its value once stored (None: released), since when, and its
+    owner's class."""
 
     done: asyncio.Future
     started: float
@@ -52,7 +55,7 @@ class KindStats:
     hits_l2: int = 0
     misses: int = 0
     joined: int = 0  # misses that waited for another caller's computation
-    overtaken: int = 0  # misses computed beside a less urgent owner instead of joining it
+    outranked: int = 0  # joined misses whose owner was less urgent than the joiner
 
     def as_dict(self) -> dict[str, float]:
         total = self.hits_l1 + self.hits_l2 + self.misses
@@ -61,7 +64,7 @@ class KindStats:
             "hits_l2": self.hits_l2,
             "misses": self.misses,
             "joined": self.joined,
-            "overtaken": self.overtaken,
+            "outranked": self.outranked,
             "requests": total,
             "hit_rate": (self.hits_l1 + self.hits_l2) / total if total else 0.0,
             "hit_rate_l1": self.hits_l1 / total if total else 0.0,
@@ -190,20 +193,16 @@ class CacheShard:
             if not claim:
                 continue
             inflight = self._inflight.get(key)
-            if inflight is None or now - inflight.started >= self.config.single_flight_wait_s:
+            if inflight is not None and now - inflight.started < self.config.single_flight_wait_s:
+                result.pending.append(key)
+                result.owners[key] = inflight.priority
+                stats.joined += occurrences[key]
+                stats.outranked += inflight.priority > urgency[key]
+            else:
                 future = asyncio.get_running_loop().create_future()
                 self._inflight[key] = Claim(future, now, urgency[key])
-            elif inflight.priority <= urgency[key]:
-                result.pending.append(key)
-                stats.joined += occurrences[key]
-                continue
-            else:  # its owner is less urgent (and may wait long for its slot): compute
-                # beside it; whoever joins from now on joins at this class, and the first
-                # value stored wakes every waiter
-                inflight.priority, inflight.started = urgency[key], now
-                stats.overtaken += 1
-            result.owned.append(key)
-            stats.joined += occurrences[key] - 1
+                result.owned.append(key)
+                stats.joined += occurrences[key] - 1
         return result
 
     async def await_keys(self, keys: list[str], timeout_s: float) -> dict[str, bytes]:

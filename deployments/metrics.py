@@ -55,7 +55,7 @@ def to_prometheus(stats: dict[str, Any]) -> str:
             lines.append(
                 _sample("mneme_cache_lookups_total", {"kind": kind, "result": tier}, figures[name])
             )
-        for outcome in ("joined", "overtaken"):  # misses another request was computing
+        for outcome in ("joined", "outranked"):  # misses another request was computing
             labels = {"kind": kind, "outcome": outcome}
             lines.append(_sample("mneme_cache_single_flight_total", labels, figures[outcome]))
     for name, value in (cache.get("l1") or {}).items():

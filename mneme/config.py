@@ -243,6 +243,12 @@ class CacheConfig(StrictModel):
         2.0, gt=0, description="A cache call slower than this is a miss."
     )
     single_flight_wait_s: float = Field(30.0, gt=0, description="Longest wait for a joined miss.")
+    hedge_after_ms: float = Field(
+        100.0,
+        ge=0,
+        description="Longest wait for a joined miss whose owner is of a less urgent class "
+        "(it may be queued behind more urgent work); then the joiner computes it too.",
+    )
     bump_timeout_s: float = Field(
         10.0,
         gt=0,

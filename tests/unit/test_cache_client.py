@@ -68,6 +68,7 @@ def client_of(config: CacheConfig, handle: FakeShardHandle) -> CacheClient:
     client = CacheClient.__new__(CacheClient)  # no Ray: its one shard is `handle`
     client.config, client.shards, client._background = config, [handle], set()
     client._lookups = client._stores = None
+    client.hedged = 0
     return client
 
 
@@ -106,12 +107,13 @@ def test_a_joined_miss_is_waited_for_no_longer_than_the_request_has_left():
     asyncio.run(scenario())
 
 
-def test_an_urgent_request_does_not_wait_for_a_background_owner():
-    """The background owner of a miss is stuck (in its scheduler queue, say): a critical
-    request computes the value itself at once, and the background one's joiners get it."""
+def test_an_urgent_request_waits_for_a_less_urgent_owner_only_briefly():
+    """The background owner of a miss is stuck (queued behind more urgent work, say): a
+    critical request that joins it computes the value itself after `hedge_after_ms`, and
+    stores it, so the owner's other joiners get it too; one of the owner's class waits."""
 
     async def scenario():
-        config = CacheConfig()
+        config = CacheConfig(hedge_after_ms=50)
         handle = FakeShardHandle(CacheShard(config))
         client = client_of(config, handle)
         key = embedding_key("model", "wanted by all")
@@ -124,21 +126,24 @@ def test_an_urgent_request_does_not_wait_for_a_background_owner():
         async def compute(indices: list[int]) -> list[bytes]:
             return [b"critical's"]
 
-        background = asyncio.ensure_future(
-            client.get_or_compute([key], background_compute, priority=Priority.BACKGROUND)
-        )
+        def ask(priority: Priority, how=background_compute):
+            return asyncio.ensure_future(client.get_or_compute([key], how, priority=priority))
+
+        background = ask(Priority.BACKGROUND)
         await asyncio.sleep(0.05)  # it owns the miss now
-        joiner = asyncio.ensure_future(
-            client.get_or_compute([key], background_compute, priority=Priority.BACKGROUND)
-        )
+        joiner = ask(Priority.BACKGROUND)
         await asyncio.sleep(0.05)
-        critical = client.get_or_compute([key], compute, priority=Priority.CRITICAL)
-        assert await asyncio.wait_for(critical, 1.0) == [b"critical's"]
+        started = asyncio.get_running_loop().time()
+        assert await asyncio.wait_for(ask(Priority.CRITICAL, compute), 1.0) == [b"critical's"]
+        waited = asyncio.get_running_loop().time() - started
         assert await asyncio.wait_for(joiner, 1.0) == [b"critical's"]
         stuck.set()
         assert await background == [b"background's"]
+        return waited, client.hedged, handle.shard.stats()["kinds"]["embedding"]
 
-    asyncio.run(scenario())
+    waited, hedged, stats = asyncio.run(scenario())
+    assert 0.05 <= waited < 0.5 and hedged == 1
+    assert stats["joined"] == 2 and stats["outranked"] == 1
 
 
 def test_a_write_whose_cache_cannot_be_invalidated_is_not_acknowledged():
