@@ -185,7 +185,7 @@ class CacheClient:
         values: list[bytes | None] = [None] * len(requests)
         labels = ["miss"] * len(requests)
         owned: list[tuple[int, str, int]] = []  # (shard, key, index)
-        # (shard, outranked) -> key -> index: misses others compute, waited for together
+        # (shard, owner less urgent) -> key -> index: misses others compute
         pending: dict[tuple[int, bool], dict[str, int]] = defaultdict(dict)
         duplicates: list[tuple[int, int]] = []  # (index, index of the same key's first use)
         to_compute: list[int] = []

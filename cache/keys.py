@@ -30,8 +30,8 @@ class Kind(enum.StrEnum):
 @dataclass(frozen=True)
 class KeyRequest:
     """One lookup. `namespace` set = the actor appends that namespace's current version.
-    `priority`: the class of the request asking (lower is more urgent); a miss someone else
-    is computing is joined only when that owner is at least as urgent."""
+    `priority`: the class of the request asking (lower is more urgent); a miss that a less
+    urgent request is computing is waited for only `cache.hedge_after_ms`."""
 
     kind: Kind
     base: str
