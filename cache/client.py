@@ -378,7 +378,7 @@ def aggregate(shards: list[dict], expected: int) -> dict[str, Any]:
             semantic[name] += shard["semantic"][name]
         for kind, figures in shard["kinds"].items():
             for name in ("hits_l1", "hits_l2", "misses", "joined", "outranked", "requests"):
-                kinds[kind][name] += figures[name]
+                kinds[kind][name] += figures.get(name, 0)  # absent from older actors
         for name, value in shard["l1"].items():
             l1[name] += value
         if shard["l2"] is not None:

@@ -38,6 +38,11 @@ class Lookup:
     # `cache.hedge_after_ms`, then computes it too
     owners: dict[str, int] = field(default_factory=dict)
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """From a shard actor of an older release (detached actors outlive a deploy of new
+        code): the fields it did not have take their defaults."""
+        self.__dict__.update(Lookup([]).__dict__ | state)
+
 
 @dataclass
 class Claim:

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import pickle
 import random
 import time
 
 import numpy as np
 import pytest
 
+from cache.client import aggregate
 from cache.keys import Kind, embedding_key, namespaced_key, prompt_key
-from cache.shard import CacheShard
+from cache.shard import CacheShard, Lookup
 from mneme.config import CacheConfig
 from mneme.priority import Priority
 
@@ -317,3 +319,15 @@ def test_semantic_answers_are_bounded_across_buckets_least_recently_used_first()
     for bucket in ("c1", "c2", "c3"):
         add("other", bucket)
     assert all(cached("other", b) for b in ("c1", "c2", "c3"))
+
+
+def test_answers_of_a_shard_actor_from_an_older_release_are_understood():
+    """Detached shard actors outlive a deploy of new code: their lookups and stats lack
+    the fields added since, which take their defaults."""
+    old = Lookup(["k"], pending=["k"])
+    del old.owners  # pickled as an older release's Lookup is: no such field
+    assert pickle.loads(pickle.dumps(old)).owners == {}
+    stats = CacheShard(CacheConfig()).stats()
+    older = {"hits_l1": 1, "hits_l2": 0, "misses": 1, "joined": 0, "requests": 2}
+    stats["kinds"] = {"search": older}  # without the newer counter
+    assert aggregate([stats], 1)["kinds"]["search"]["outranked"] == 0
