@@ -55,6 +55,18 @@ def shard_actor_name(app_name: str, shard: int) -> str:
     return f"mneme-cache:{app_name}:{shard}"
 
 
+def cache_actors(app_name: str) -> list[tuple[int, str, str]]:
+    """(shard, name, namespace) of each running cache actor of `app_name` (in any Ray
+    namespace), by shard."""
+    prefix = shard_actor_name(app_name, 0).removesuffix("0")
+    found = []
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        name, index = actor["name"], actor["name"].removeprefix(prefix)
+        if name.startswith(prefix) and index.isdigit():
+            found.append((int(index), name, actor["namespace"]))
+    return sorted(found)
+
+
 def _shard_actor(config: CacheConfig, app_name: str, shard: int) -> Any:
     """The named shard actor, started with `config` unless it is running already. Detached
     and named: every Router replica (and a restarted one) finds the same shards."""
@@ -125,14 +137,18 @@ class CacheClient:
         update) must map every namespace to the same shard, or a write would bump its
         version where the other Routers do not look, and they would go on serving the
         results cached before it."""
-        shards = config.shards
+        shards = None
         try:
             running = await asyncio.wait_for(
                 _awaited(_shard_actor(config, app_name, 0).settings.remote()), 30.0
             )
-            shards = running.get("shards", shards)  # absent: an actor older than the setting
-        except Exception as exc:  # starting or gone: its count is the configured one
-            logger.warning("cache shard 0 did not answer (%r): using cache.shards", exc)
+            shards = running.get("shards")  # absent: an actor older than the setting
+        except Exception as exc:  # restarting, say
+            logger.warning("cache shard 0 did not tell its shard count (%r)", exc)
+        if shards is None:  # count the shards running (beyond the 0 just asked, if any)
+            running_actors = await asyncio.to_thread(cache_actors, app_name)
+            highest = max((shard for shard, _, _ in running_actors), default=0)
+            shards = highest + 1 if highest > 0 else config.shards
         return cls(config, app_name, router, shards)
 
     async def stale_settings(self) -> dict[str, tuple[Any, Any]]:
@@ -218,17 +234,18 @@ class CacheClient:
                     first_of[key] = i
                     owned.append((shard, key, i))
                     to_compute.append(i)
-        await self._compute_into(requests, compute, to_compute, owned, values)
-        if pending:
-            wait = self.config.single_flight_wait_s
-            wait = wait if wait_s is None else max(0.0, min(wait, wait_s))
-            hedge = min(wait, self.config.hedge_after_ms / 1000)
-            await asyncio.gather(
-                *(
-                    self._collect(shard, keys, requests, compute, values, hedge if late else wait)
-                    for (shard, late), keys in pending.items()
+        wait = self.config.single_flight_wait_s
+        wait = wait if wait_s is None else max(0.0, min(wait, wait_s))
+        hedge = min(wait, self.config.hedge_after_ms / 1000)
+        await asyncio.gather(  # its own misses, and meanwhile the others' (timed from now)
+            self._compute_into(requests, compute, to_compute, owned, values),
+            *(
+                self._collect(
+                    shard, keys, requests, compute, values, hedge if late else wait, priority
                 )
-            )
+                for (shard, late), keys in pending.items()
+            ),
+        )
         for i, first in duplicates:
             values[i], labels[i] = values[first], labels[first]
         if tiers is not None:
@@ -300,12 +317,13 @@ class CacheClient:
         compute: Compute,
         values,
         wait_s: float,
+        priority: int,
     ) -> None:
         """Values other callers are computing; compute here (and store, waking whoever else
-        waits) what they fail to deliver within `wait_s`."""
+        waits) what they fail to deliver within `wait_s`, at `priority`."""
         known: dict[str, bytes] = {}
         try:
-            ref = self.shards[shard].await_keys.remote(list(keys), wait_s)
+            ref = self.shards[shard].await_keys.remote(list(keys), wait_s, priority)
             known = await self._call(ref, wait_s + 1.0)
         except Exception as exc:
             logger.warning("waiting for joined misses failed (%r): computing", exc)

@@ -19,17 +19,7 @@ import sys
 
 import ray
 
-from cache.client import shard_actor_name
-
-
-def cache_actors(app_name: str) -> list[tuple[str, str]]:
-    """(name, namespace) of every running cache actor of `app_name`, in any namespace."""
-    prefix = shard_actor_name(app_name, 0).removesuffix("0")
-    return sorted(
-        (actor["name"], actor["namespace"])
-        for actor in ray.util.list_named_actors(all_namespaces=True)
-        if actor["name"].startswith(prefix) and actor["name"][len(prefix) :].isdigit()
-    )
+from cache.client import cache_actors
 
 
 def deployed(app_name: str) -> bool:
@@ -46,8 +36,12 @@ def reset(app_name: str) -> list[str]:
             "Run `serve shutdown` (or deploy a config without it) first."
         )
     killed = []
-    for name, namespace in cache_actors(app_name):
-        ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
+    for _, name, namespace in cache_actors(app_name):
+        try:
+            actor = ray.get_actor(name, namespace=namespace)
+        except ValueError:  # gone since it was listed
+            continue
+        ray.kill(actor, no_restart=True)
         killed.append(name)
     return killed
 

@@ -210,15 +210,24 @@ class CacheShard:
                 stats.joined += occurrences[key] - 1
         return result
 
-    async def await_keys(self, keys: list[str], timeout_s: float) -> dict[str, bytes]:
-        """Values of pending keys once their owners store them (missing: compute yourself)."""
-        waits = {k: self._inflight[k].done for k in keys if k in self._inflight}
-        found = self.l1.get_many_now([k for k in keys if k not in waits])
-        if waits:
-            await asyncio.wait([asyncio.shield(f) for f in waits.values()], timeout=timeout_s)
-            for key, future in waits.items():
-                if future.done() and future.result() is not None:
-                    found[key] = future.result()
+    async def await_keys(
+        self, keys: list[str], timeout_s: float, priority: int | None = None
+    ) -> dict[str, bytes]:
+        """Values of pending keys once their owners store them (missing: compute yourself).
+        `priority`: the waiter's class; a key still being computed when the wait ends is
+        then computed by the waiter too, so its claim takes the waiter's class if more
+        urgent (later joiners of that class wait for the waiter instead of hedging too)."""
+        claims = {k: self._inflight[k] for k in keys if k in self._inflight}
+        found = self.l1.get_many_now([k for k in keys if k not in claims])
+        if claims:
+            futures = [asyncio.shield(c.done) for c in claims.values()]
+            await asyncio.wait(futures, timeout=timeout_s)
+            for key, claim in claims.items():
+                if claim.done.done() and claim.done.result() is not None:
+                    found[key] = claim.done.result()
+                elif priority is not None and self._inflight.get(key) is claim:
+                    claim.priority = min(claim.priority, priority)
+                    claim.started = self.timer()
         return found
 
     async def _l2_get(self, keys: list[str]) -> dict[str, bytes]:

@@ -7,8 +7,8 @@ from unittest.mock import ANY
 
 import pytest
 
-from cache.client import CacheClient, shard_actor_name
-from cache.reset import cache_actors, reset
+from cache.client import CacheClient, cache_actors, shard_actor_name
+from cache.reset import reset
 from mneme.config import CacheConfig
 from tests.integration.conftest import APP_NAME, wait_until
 
@@ -109,6 +109,7 @@ def test_the_cache_keeps_its_shard_count_and_is_reset_only_once_its_app_is_gone(
         return await CacheClient.connect(CacheConfig(shards=shards), app)
 
     async def scenario():
+        neighbour = await CacheClient.connect(CacheConfig(), app + "2")  # a name sharing a prefix
         first = await client(2)
         assert len(first.shards) == 2
         later = await client(3)  # a new config while the cache runs: it keeps its 2
@@ -118,9 +119,12 @@ def test_the_cache_keeps_its_shard_count_and_is_reset_only_once_its_app_is_gone(
         assert cache_actors(app) == []
         after = await client(3)
         assert len(after.shards) == 3 and await after.stale_settings() == {}
-        return reset(app)
+        assert [name for _, name, _ in cache_actors(app + "2")] == [shard_actor_name(app + "2", 0)]
+        assert len(neighbour.shards) == 1
+        return reset(app), reset(app + "2")
 
-    assert len(asyncio.run(scenario())) == 3
+    stopped, neighbour = asyncio.run(scenario())
+    assert len(stopped) == 3 and len(neighbour) == 1
     with pytest.raises(RuntimeError, match="is deployed"):
         reset(APP_NAME)
     refused = subprocess.run(
@@ -130,4 +134,4 @@ def test_the_cache_keeps_its_shard_count_and_is_reset_only_once_its_app_is_gone(
         timeout=120,
     )
     assert refused.returncode == 1 and "is deployed" in refused.stderr, refused.stderr
-    assert cache_actors(APP_NAME) == [(shard_actor_name(APP_NAME, 0), ANY)]  # untouched
+    assert cache_actors(APP_NAME) == [(0, shard_actor_name(APP_NAME, 0), ANY)]  # untouched

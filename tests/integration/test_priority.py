@@ -149,7 +149,9 @@ def test_a_critical_request_does_not_wait_for_a_queued_background_one_asking_the
         with served.client(timeout=120.0) as c:
             return c.post("/v1/chat/completions", headers={"X-Priority": priority}, json=body)
 
-    outranked = http.get("/v1/stats").json()["cache"]["kinds"].get("chat", {}).get("outranked", 0)
+    before = http.get("/v1/stats").json()
+    outranked = before["cache"]["kinds"].get("chat", {}).get("outranked", 0)
+    hedged = before["router"]["joined_misses_computed"]
     with generator_busy(served, http), ThreadPoolExecutor(max_workers=1) as pool:
         queued = generator_scheduler(http)["waiting"]
         background = pool.submit(ask, "background")
@@ -161,5 +163,6 @@ def test_a_critical_request_does_not_wait_for_a_queued_background_one_asking_the
     assert not background_was_done  # still queued behind `high` when the critical one ended
     text = critical.json()["choices"][0]["message"]["content"]
     assert background.result().json()["choices"][0]["message"]["content"] == text
-    kinds = http.get("/v1/stats").json()["cache"]["kinds"]
-    assert kinds["chat"]["outranked"] == outranked + 1
+    after = http.get("/v1/stats").json()
+    assert after["cache"]["kinds"]["chat"]["outranked"] == outranked + 1
+    assert after["router"]["joined_misses_computed"] == hedged + 1  # computed, not woken

@@ -123,7 +123,12 @@ def test_an_urgent_request_waits_for_a_less_urgent_owner_only_briefly():
             await stuck.wait()
             return [b"background's"]
 
+        calls = 0
+
         async def compute(indices: list[int]) -> list[bytes]:
+            nonlocal calls
+            calls += 1
+            await asyncio.sleep(0.1)
             return [b"critical's"]
 
         def ask(priority: Priority, how=background_compute):
@@ -134,16 +139,20 @@ def test_an_urgent_request_waits_for_a_less_urgent_owner_only_briefly():
         joiner = ask(Priority.BACKGROUND)
         await asyncio.sleep(0.05)
         started = asyncio.get_running_loop().time()
-        assert await asyncio.wait_for(ask(Priority.CRITICAL, compute), 1.0) == [b"critical's"]
+        critical = ask(Priority.CRITICAL, compute)
+        await asyncio.sleep(0.1)  # it gave up on the owner: computing now
+        second = ask(Priority.CRITICAL, compute)  # waits for the first, not the owner
+        assert await asyncio.wait_for(critical, 1.0) == [b"critical's"]
         waited = asyncio.get_running_loop().time() - started
+        assert await asyncio.wait_for(second, 1.0) == [b"critical's"]
         assert await asyncio.wait_for(joiner, 1.0) == [b"critical's"]
         stuck.set()
         assert await background == [b"background's"]
-        return waited, client.hedged, handle.shard.stats()["kinds"]["embedding"]
+        return waited, calls, client.hedged, handle.shard.stats()["kinds"]["embedding"]
 
-    waited, hedged, stats = asyncio.run(scenario())
-    assert 0.05 <= waited < 0.5 and hedged == 1
-    assert stats["joined"] == 2 and stats["outranked"] == 1
+    waited, calls, hedged, stats = asyncio.run(scenario())
+    assert 0.05 <= waited < 0.5 and calls == 1 and hedged == 1
+    assert stats["joined"] == 3 and stats["outranked"] == 1
 
 
 def test_a_write_whose_cache_cannot_be_invalidated_is_not_acknowledged():

@@ -141,6 +141,26 @@ def test_a_join_says_how_urgent_its_owner_is():
     assert stats["joined"] == 3 and stats["outranked"] == 1
 
 
+def test_a_waiter_that_gives_up_on_a_less_urgent_owner_takes_its_class_to_the_claim():
+    """It computes the value itself now: later joiners of its class wait for it."""
+
+    async def go():
+        shard = CacheShard(CacheConfig())
+        key = embedding_key("m", "slow for the background")
+
+        def asked_at(priority: Priority):
+            return shard.lookup([dataclasses.replace(key, priority=priority)])
+
+        owner = await asked_at(Priority.BACKGROUND)
+        hedger = await asked_at(Priority.CRITICAL)
+        assert hedger.owners == {owner.keys[0]: Priority.BACKGROUND}
+        assert await shard.await_keys(hedger.pending, 0.01, Priority.CRITICAL) == {}
+        return owner, await asked_at(Priority.HIGH)
+
+    owner, later = run(go())
+    assert later.pending == owner.keys and later.owners == {owner.keys[0]: Priority.CRITICAL}
+
+
 def test_a_failed_owner_releases_its_waiters():
     async def go():
         shard = CacheShard(CacheConfig())
