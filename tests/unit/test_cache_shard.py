@@ -22,6 +22,11 @@ def run(coro):
     return asyncio.run(coro)
 
 
+def asked_at(shard: CacheShard, key, priority: Priority):
+    """A lookup of `key` by a request of class `priority`."""
+    return shard.lookup([dataclasses.replace(key, priority=priority)])
+
+
 def search_key(namespace: str, query: str):
     return namespaced_key(Kind.SEARCH, "m", namespace, [query, 5, None])
 
@@ -124,13 +129,9 @@ def test_a_join_says_how_urgent_its_owner_is():
         shard = CacheShard(CacheConfig())
         key = embedding_key("m", "asked by everyone")
 
-        def asked_at(priority: Priority):
-            return shard.lookup([dataclasses.replace(key, priority=priority)])
-
-        owner = await asked_at(Priority.LOW)
-        joins = {
-            p: await asked_at(p) for p in (Priority.CRITICAL, Priority.LOW, Priority.BACKGROUND)
-        }
+        owner = await asked_at(shard, key, Priority.LOW)
+        classes = (Priority.CRITICAL, Priority.LOW, Priority.BACKGROUND)
+        joins = {p: await asked_at(shard, key, p) for p in classes}
         return owner, joins, shard.stats()["kinds"]["embedding"]
 
     owner, joins, stats = run(go())
@@ -148,14 +149,11 @@ def test_a_waiter_that_gives_up_on_a_less_urgent_owner_takes_its_class_to_the_cl
         shard = CacheShard(CacheConfig())
         key = embedding_key("m", "slow for the background")
 
-        def asked_at(priority: Priority):
-            return shard.lookup([dataclasses.replace(key, priority=priority)])
-
-        owner = await asked_at(Priority.BACKGROUND)
-        hedger = await asked_at(Priority.CRITICAL)
+        owner = await asked_at(shard, key, Priority.BACKGROUND)
+        hedger = await asked_at(shard, key, Priority.CRITICAL)
         assert hedger.owners == {owner.keys[0]: Priority.BACKGROUND}
         assert await shard.await_keys(hedger.pending, 0.01, Priority.CRITICAL) == {}
-        return owner, await asked_at(Priority.HIGH)
+        return owner, await asked_at(shard, key, Priority.HIGH)
 
     owner, later = run(go())
     assert later.pending == owner.keys and later.owners == {owner.keys[0]: Priority.CRITICAL}
