@@ -102,7 +102,7 @@ class CacheClient:
         count = config.shards if shards is None else shards
         self.shards = [_shard_actor(config, app_name, i) for i in range(count)]
         self._background: set[asyncio.Future] = set()  # releases of claims nobody took up
-        self.hedged = 0  # joined misses computed here after all (owner slow, gone or failed)
+        self.joined_misses_computed = 0  # after all: their owner slow (hedged), gone or failed
         # Concurrent requests' lookups (and stores) to one shard go as one actor call.
         self._lookups: list[Coalescer] | None = None
         self._stores: list[Coalescer] | None = None
@@ -329,7 +329,7 @@ class CacheClient:
             logger.warning("waiting for joined misses failed (%r): computing", exc)
         missing = [key for key in keys if key not in known]
         if missing:  # the owner failed, or is slow (queued behind more urgent work?)
-            self.hedged += len(missing)
+            self.joined_misses_computed += len(missing)
             computed = await compute([keys[key] for key in missing])
             known.update(zip(missing, computed, strict=True))
             self._store(shard, [(k, requests[keys[k]].kind, known[k]) for k in missing])

@@ -310,8 +310,7 @@ class Router:
         router = {
             "latency": self.latency.summary(),
             "coalesced": self.coalesced(),
-            # joined misses this replica computed after all: owner slow (hedged), gone or failed
-            "joined_misses_computed": self.cache.hedged if self.cache is not None else 0,
+            "joined_misses_computed": self.cache.joined_misses_computed if self.cache else 0,
             **identity(),
         }
         out = {"router": router, **(await self.downstreams.stats())}

@@ -68,7 +68,7 @@ def client_of(config: CacheConfig, handle: FakeShardHandle) -> CacheClient:
     client = CacheClient.__new__(CacheClient)  # no Ray: its one shard is `handle`
     client.config, client.shards, client._background = config, [handle], set()
     client._lookups = client._stores = None
-    client.hedged = 0
+    client.joined_misses_computed = 0
     return client
 
 
@@ -148,7 +148,12 @@ def test_an_urgent_request_waits_for_a_less_urgent_owner_only_briefly():
         assert await asyncio.wait_for(joiner, 1.0) == [b"critical's"]
         stuck.set()
         assert await background == [b"background's"]
-        return waited, calls, client.hedged, handle.shard.stats()["kinds"]["embedding"]
+        return (
+            waited,
+            calls,
+            client.joined_misses_computed,
+            handle.shard.stats()["kinds"]["embedding"],
+        )
 
     waited, calls, hedged, stats = asyncio.run(scenario())
     assert 0.05 <= waited < 0.5 and calls == 1 and hedged == 1
