@@ -10,7 +10,8 @@ import numpy as np
 from ray import serve
 
 from deployments.replica import DOWNSTREAM_LOGGING, identity, max_ongoing_requests
-from mneme.config import BatchConfig, VectorSearchConfig, parse_batch_config
+from mneme.batching import BatchGate
+from mneme.config import VectorSearchConfig, parse_batch_config
 from mneme.durable import DurableStore
 from mneme.index import MemoryStore
 from mneme.records import BatchStats, MemoryPage, NewMemory, SearchHit, SearchQuery, StoredMemory
@@ -40,19 +41,10 @@ class VectorSearch:
                 storage.redis_url,
             )
         self._stats = BatchStats()
-        self._batch = config.batch
-        self._apply(config.batch)
+        self._gate = BatchGate(self._search_batch, config.batch, at_once_when_idle=False)
 
     def reconfigure(self, user_config: dict | None) -> None:
-        batch = parse_batch_config(user_config, self._config.batch)
-        if batch.adaptive:  # see VectorSearchConfig.batch
-            raise ValueError("VectorSearch's batch window is fixed: set adaptive: false")
-        self._apply(batch)
-
-    def _apply(self, batch: BatchConfig) -> None:
-        self._batch = batch
-        self._search_batch.set_max_batch_size(batch.max_batch_size)
-        self._search_batch.set_batch_wait_timeout_s(batch.batch_wait_timeout_s)
+        self._gate.apply(parse_batch_config(user_config, self._config.batch))
 
     # Every method is `async` on purpose: Serve runs a plain `def` method in a thread pool,
     # and FAISS aborts the process on concurrent writes (seen: SIGABRT in add_with_ids under
@@ -72,7 +64,8 @@ class VectorSearch:
         return self._store.page(namespace, limit, cursor)
 
     async def search(self, query: SearchQuery) -> list[SearchHit]:
-        return await self._search_batch(query)
+        with self._gate.admit():
+            return await self._search_batch(query)
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)
     async def _search_batch(self, queries: list[SearchQuery]) -> list[list[SearchHit]]:
@@ -108,7 +101,7 @@ class VectorSearch:
     async def stats(self) -> dict:
         return {
             **self._stats.summary(),
-            **self._batch.model_dump(),
+            **self._gate.stats(),
             **self._store.stats(),
             **identity(),
             "max_ongoing_requests": max_ongoing_requests(),

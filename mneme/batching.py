@@ -44,11 +44,24 @@ class AdaptiveWindow:
 
 
 class BatchGate:
-    """Admits each call of a `@serve.batch` method: at once when the replica is idle, else into
-    the batch queue with the window sized from the current load (when `adaptive`)."""
+    """Admits each call of a `@serve.batch` method: at once when the replica is idle (and
+    `at_once_when_idle`), else into the batch queue with the window sized from the current
+    load (when `adaptive`).
 
-    def __init__(self, batch_method, config, clock: Callable[[], float] = time.monotonic):
+    `at_once_when_idle=False` is for work that runs on the replica's event loop (VectorSearch's
+    FAISS calls): the replica is idle whenever a call can arrive there, so every call would
+    run alone. Such calls still batch without waiting: whatever queued while a batch ran is
+    the next batch."""
+
+    def __init__(
+        self,
+        batch_method,
+        config,
+        clock: Callable[[], float] = time.monotonic,
+        at_once_when_idle: bool = True,
+    ):
         self._method = batch_method
+        self._at_once_when_idle = at_once_when_idle
         self._load = AdaptiveWindow(clock=clock)
         self.active = 0  # calls admitted and not yet answered
         self.at_once = 0
@@ -66,7 +79,7 @@ class BatchGate:
     def admit(self) -> Iterator[bool]:
         """Yields True when the call should run at once instead of joining a batch."""
         self._load.observe()
-        at_once = self.config.adaptive and self.active == 0
+        at_once = self.config.adaptive and self._at_once_when_idle and self.active == 0
         if self.config.adaptive and not at_once:
             self.window_s = self._load.window_s(
                 self.config.batch_wait_timeout_s, self.config.max_batch_size

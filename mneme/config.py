@@ -160,22 +160,14 @@ class VectorSearchConfig(StrictModel):
         "inner_product", description="Vectors are L2-normalised, so this is cosine similarity."
     )
     batch: BatchConfig = Field(
-        default_factory=lambda: BatchConfig(
-            max_batch_size=64, batch_wait_timeout_s=0.002, adaptive=False
-        ),
-        description="Search calls are batched per namespace into one FAISS search. The "
-        "window is fixed: searches run on the replica's event loop, so a replica never looks "
-        "idle to a waiting call and `adaptive` would stop all batching.",
+        default_factory=lambda: BatchConfig(max_batch_size=64, batch_wait_timeout_s=0.002),
+        description="Search calls are batched per namespace into one FAISS search. Searches "
+        "run on the replica's event loop, so `adaptive` never runs a call alone: it sizes the "
+        "window from the load (a lone search waits next to nothing), and the calls that "
+        "queued while a batch ran make the next one. False: every batch waits the full window.",
     )
     storage: StorageConfig = Field(default_factory=StorageConfig)
     index: IndexConfig = Field(default_factory=IndexConfig)
-
-    @field_validator("batch")
-    @classmethod
-    def _fixed_window(cls, batch: BatchConfig) -> BatchConfig:
-        if batch.adaptive:
-            raise ValueError("adaptive windows are for the Embedder; set adaptive: false")
-        return batch
 
 
 class GeneratorConfig(StrictModel):

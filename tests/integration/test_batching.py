@@ -1,4 +1,5 @@
-"""`@serve.batch` really batches: concurrent embeds are served in batches larger than one."""
+"""`@serve.batch` really batches: concurrent embeds and searches are served in batches larger
+than one."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 from ray import serve
 
+from mneme.records import NewMemory, SearchQuery
 from tests.integration.conftest import APP_NAME
 
 pytestmark = pytest.mark.slow
@@ -142,3 +144,23 @@ def test_a_call_arriving_mid_encode_waits_for_it(http):
     after = embedder_stats(http)
     assert after["dispatched_at_once"] == before["dispatched_at_once"] + 1  # the bulk call only
     assert after["encodes_waited"] == before["encodes_waited"] + 1  # the late call's batch
+
+
+def test_concurrent_searches_share_batches_without_a_window(http):
+    """VectorSearch's adaptive gate: a lone search waits next to no window, yet concurrent
+    searches still go to FAISS together (the calls that queued while a batch ran)."""
+    handle = serve.get_deployment_handle("VectorSearch", app_name=APP_NAME)
+    namespace = f"search-batches-{uuid.uuid4().hex}"
+    rng = np.random.default_rng(7)
+    vectors = rng.standard_normal((64, 384)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    items = [NewMemory(f"m{i}", f"memory {i}") for i in range(64)]
+    handle.upsert.remote(namespace, items, vectors).result()
+    before = http.get("/v1/stats").json()["vector_search"]
+    responses = [handle.search.remote(SearchQuery(namespace, v, 1)) for v in vectors]
+    assert [r.result()[0].id for r in responses] == [f"m{i}" for i in range(64)]
+    after = http.get("/v1/stats").json()["vector_search"]
+    assert after["adaptive"] is True and after["dispatched_at_once"] == 0
+    assert after["window_ms"] < after["batch_wait_timeout_s"] * 1000
+    assert after["calls"] - before["calls"] == 64
+    assert after["batches"] - before["batches"] < 64

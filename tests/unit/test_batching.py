@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mneme.batching import AdaptiveWindow, BatchGate
-from mneme.config import BatchConfig, MnemeConfig, load_config
+from mneme.config import BatchConfig, MnemeConfig
 from mneme.stats import Occupancy
 from tests.clock import Clock
 
@@ -71,10 +71,20 @@ def test_gate_with_a_fixed_window_never_skips_it():
     assert method.timeouts[-1] == 0.01 and gate.stats()["adaptive"] is True
 
 
-def test_vector_search_refuses_an_adaptive_window():
-    assert MnemeConfig().vector_search.batch.adaptive is False
-    with pytest.raises(ValueError, match="args.vector_search.batch"):
-        load_config({"vector_search": {"batch": {"adaptive": True}}})
+def test_a_gate_for_event_loop_work_never_skips_the_queue():
+    """VectorSearch's gate: its replica looks idle to every call, so none may run alone."""
+    assert MnemeConfig().vector_search.batch.adaptive is True
+    clock = Clock()
+    method = RecordingBatchMethod()
+    gate = BatchGate(
+        method, BatchConfig(max_batch_size=64, batch_wait_timeout_s=0.002), clock, False
+    )
+    for _ in range(3):
+        clock.now += 0.01  # 100 calls/s: a full window would collect 0.2 calls
+        with gate.admit() as at_once:
+            assert at_once is False and gate.active == 1
+    assert 0.0 < method.timeouts[-1] < 0.002 * 0.01
+    assert gate.stats()["dispatched_at_once"] == 0
 
 
 def test_occupancy_is_time_weighted():
