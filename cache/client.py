@@ -38,7 +38,7 @@ def split_lookup(lookup: Lookup, sizes: list[int]) -> list[Lookup]:
     for size in sizes:
         keys = lookup.keys[start : start + size]
         start += size
-        part = Lookup(keys, lookup.found, owners=lookup.owners)
+        part = Lookup(keys, lookup.found, owners=lookup.owners, claim=lookup.claim)
         for key in dict.fromkeys(keys):
             if key in lookup.found:
                 continue
@@ -113,7 +113,7 @@ class CacheClient:
                     split=split_lookup,
                     max_in_flight=router.coalesce_max_in_flight,
                     max_items=router.coalesce_max_items,
-                    orphaned=lambda part, i=i: self._release(i, part.owned),
+                    orphaned=lambda part, i=i: self._release(i, part.owned, part.claim),
                 )
                 for i in range(len(self.shards))
             ]
@@ -201,6 +201,7 @@ class CacheClient:
         values: list[bytes | None] = [None] * len(requests)
         labels = ["miss"] * len(requests)
         owned: list[tuple[int, str, int]] = []  # (shard, key, index)
+        claims: dict[int, int | None] = {}  # shard -> the number of its lookup's claims
         # (shard, owner less urgent) -> key -> index: misses others compute
         pending: dict[tuple[int, bool], dict[str, int]] = defaultdict(dict)
         duplicates: list[tuple[int, int]] = []  # (index, index of the same key's first use)
@@ -214,12 +215,14 @@ class CacheClient:
         except BaseException:  # cancelled: what the finished lookups claimed is nobody's
             for shard, task in zip(by_shard, tasks, strict=True):
                 if task.done() and not task.cancelled() and task.exception() is None:
-                    self._release(shard, task.result().owned if task.result() else [])
+                    if task.result() is not None:
+                        self._release(shard, task.result().owned, task.result().claim)
             raise
         for (shard, indices), lookup in zip(by_shard.items(), lookups, strict=True):
             if lookup is None:  # cache unreachable: compute everything of this shard
                 to_compute += indices
                 continue
+            claims[shard] = lookup.claim
             first_of: dict[str, int] = {}
             pending_keys = set(lookup.pending)
             for i, key in zip(indices, lookup.keys, strict=True):
@@ -238,7 +241,7 @@ class CacheClient:
         wait = wait if wait_s is None else max(0.0, min(wait, wait_s))
         hedge = min(wait, self.config.hedge_after_ms / 1000)
         await asyncio.gather(  # its own misses, and meanwhile the others' (timed from now)
-            self._compute_into(requests, compute, to_compute, owned, values),
+            self._compute_into(requests, compute, to_compute, owned, claims, values),
             *(
                 self._collect(
                     shard, keys, requests, compute, values, hedge if late else wait, priority
@@ -279,20 +282,22 @@ class CacheClient:
             lookup = await self._call(ref, self.config.single_flight_wait_s)
         except Exception:  # no answer: its claims lapse after single_flight_wait_s
             return
-        self._release(shard, lookup.owned)
+        self._release(shard, lookup.owned, lookup.claim)
 
-    def _release(self, shard: int, keys: list[str]) -> None:
+    def _release(self, shard: int, keys: list[str], claim: int | None) -> None:
+        """Gives up `keys` claimed by lookup number `claim` (`Lookup.claim`): their waiters
+        compute them. A key claimed since by someone else is left to them."""
         if keys:
-            self.shards[shard].release.remote(keys)
+            self.shards[shard].release.remote(keys, claim)
 
-    async def _compute_into(self, requests, compute, indices, owned, values) -> None:
+    async def _compute_into(self, requests, compute, indices, owned, claims, values) -> None:
         if not indices:
             return
         try:
             computed = await compute(indices)
         except BaseException:
             for shard, key, _ in owned:
-                self._release(shard, [key])
+                self._release(shard, [key], claims[shard])
             raise
         for i, value in zip(indices, computed, strict=True):
             values[i] = value

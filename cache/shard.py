@@ -37,6 +37,9 @@ class Lookup:
     # the class of each pending key's owner: a more urgent asker waits for it only
     # `cache.hedge_after_ms`, then computes it too
     owners: dict[str, int] = field(default_factory=dict)
+    # the number of this lookup's claims: `release` with it drops them, and not a claim
+    # another caller took after one of these lapsed (None: an older shard's lookup)
+    claim: int | None = None
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """From a shard actor of an older release (detached actors outlive a deploy of new
@@ -46,12 +49,13 @@ class Lookup:
 
 @dataclass
 class Claim:
-    """A miss being computed: its value once stored (None: released), since when, and its
-    owner's class."""
+    """A miss being computed: its value once stored (None: released), since when, its
+    owner's class, and the number of the lookup that claimed it."""
 
     done: asyncio.Future
     started: float
     priority: int
+    number: int = 0
 
 
 @dataclass
@@ -124,6 +128,7 @@ class CacheShard:
         self.epoch = uuid.uuid4().hex[:8]
         self._versions: dict[str, int] = defaultdict(int)
         self._inflight: dict[str, Claim] = {}
+        self._lookups = 0  # numbers each lookup's claims
         self._kinds: dict[Kind, KindStats] = defaultdict(KindStats)
         self._l2_errors = 0
         self._l2_writes_dropped = 0
@@ -165,7 +170,8 @@ class CacheShard:
     async def lookup(self, requests: list[KeyRequest], claim: bool = True) -> Lookup:
         keys = [self.full_key(r) for r in requests]
         kinds = dict(zip(keys, (r.kind for r in requests), strict=True))
-        result = Lookup(keys)
+        self._lookups += 1
+        result = Lookup(keys, claim=self._lookups)
         unique = list(dict.fromkeys(keys))
         for key, value in self.l1.get_many_now(unique).items():
             result.found[key] = (value, "hit-l1")
@@ -205,7 +211,7 @@ class CacheShard:
                 stats.outranked += inflight.priority > urgency[key]
             else:
                 future = asyncio.get_running_loop().create_future()
-                self._inflight[key] = Claim(future, now, urgency[key])
+                self._inflight[key] = Claim(future, now, urgency[key], self._lookups)
                 result.owned.append(key)
                 stats.joined += occurrences[key] - 1
         return result
@@ -254,10 +260,15 @@ class CacheShard:
             for ttl, items in by_ttl.items():
                 self._write_behind(items, ttl)
 
-    def release(self, keys: list[str]) -> None:
-        """The owner failed to compute: waiters wake empty-handed and compute themselves."""
+    def release(self, keys: list[str], claim: int | None = None) -> None:
+        """The owner failed to compute: waiters wake empty-handed and compute themselves.
+        `claim`: the owner's `Lookup.claim`; a key claimed since by another lookup (the
+        owner's claim lapsed after `single_flight_wait_s`) stays that caller's. None: any
+        claim (a client of an older release)."""
         for key in keys:
-            self._resolve(key, None)
+            inflight = self._inflight.get(key)
+            if claim is None or (inflight is not None and inflight.number == claim):
+                self._resolve(key, None)
 
     def _resolve(self, key: str, value: bytes | None) -> None:
         inflight = self._inflight.pop(key, None)

@@ -59,9 +59,9 @@ class FakeShardHandle:
     async def _settings(self):
         return self.shard.settings()
 
-    async def _release(self, keys):
+    async def _release(self, keys, claim=None):
         self.released += keys
-        self.shard.release(keys)
+        self.shard.release(keys, claim)
 
 
 def client_of(config: CacheConfig, handle: FakeShardHandle) -> CacheClient:
@@ -158,6 +158,49 @@ def test_an_urgent_request_waits_for_a_less_urgent_owner_only_briefly():
     waited, calls, hedged, stats = asyncio.run(scenario())
     assert 0.05 <= waited < 0.5 and calls == 1 and hedged == 1
     assert stats["joined"] == 3 and stats["outranked"] == 1
+
+
+def test_an_owner_failing_after_its_claim_lapsed_leaves_the_new_claim_alone():
+    """A's computation outlives `single_flight_wait_s`, so B claims the key again and C joins
+    B. A then fails: its release must not wake C empty-handed (C would compute it again)."""
+
+    async def scenario():
+        config = CacheConfig(single_flight_wait_s=0.05)
+        handle = FakeShardHandle(CacheShard(config))
+        client = client_of(config, handle)
+        key = embedding_key("model", "slow, then failing")
+        a_fails, b_done = asyncio.Event(), asyncio.Event()
+        computed_by = []
+
+        async def compute_a(indices):
+            await a_fails.wait()
+            raise RuntimeError("A's model call failed")
+
+        async def compute_b(indices):
+            computed_by.append("B")
+            await b_done.wait()
+            return [b"B's"]
+
+        async def compute_c(indices):
+            computed_by.append("C")
+            return [b"C's"]
+
+        a = asyncio.ensure_future(client.get_or_compute([key], compute_a))
+        await asyncio.sleep(0.1)  # A's claim lapses
+        b = asyncio.ensure_future(client.get_or_compute([key], compute_b))
+        await asyncio.sleep(0.01)
+        c = asyncio.ensure_future(client.get_or_compute([key], compute_c, wait_s=5.0))
+        await asyncio.sleep(0.01)
+        a_fails.set()
+        with pytest.raises(RuntimeError):
+            await a
+        await asyncio.sleep(0.02)  # A's release reaches the shard
+        b_done.set()
+        return await b, await asyncio.wait_for(c, 5.0), computed_by, client
+
+    b, c, computed_by, client = asyncio.run(scenario())
+    assert b == c == [b"B's"]
+    assert computed_by == ["B"] and client.joined_misses_computed == 0
 
 
 def test_a_write_whose_cache_cannot_be_invalidated_is_not_acknowledged():

@@ -16,6 +16,7 @@ from cache.keys import Kind, embedding_key, namespaced_key, prompt_key
 from cache.shard import CacheShard, Lookup
 from mneme.config import CacheConfig
 from mneme.priority import Priority
+from tests.clock import Clock
 
 
 def run(coro):
@@ -175,6 +176,43 @@ def test_a_failed_owner_releases_its_waiters():
     got, waited_s, again = run(go())
     assert got == {} and waited_s < 1.0
     assert again.owned == again.keys  # nobody holds it now: the next caller computes
+
+
+def test_a_release_drops_only_the_claims_of_its_own_lookup():
+    """An owner's claim lapses (`single_flight_wait_s`) and another lookup claims the key
+    again: the first owner's late release leaves that claim, and its waiter, alone."""
+
+    async def go():
+        clock = Clock()
+        shard = CacheShard(CacheConfig(single_flight_wait_s=1.0), timer=clock)
+        key = embedding_key("m", "claimed twice")
+        first = await shard.lookup([key])
+        clock.now += 2.0
+        second = await shard.lookup([key])
+        waiter = await shard.lookup([key])
+        waiting = asyncio.create_task(shard.await_keys(waiter.pending, 5.0))
+        shard.release(first.owned, first.claim)
+        await asyncio.sleep(0.01)
+        still_waiting = not waiting.done()
+        await shard.store([(second.owned[0], Kind.EMBEDDING, b"second's")])
+        return first, second, still_waiting, await waiting
+
+    first, second, still_waiting, got = run(go())
+    assert first.owned == second.owned and first.claim != second.claim
+    assert still_waiting and got == {second.owned[0]: b"second's"}
+
+
+def test_a_release_without_a_claim_number_drops_any_claim():
+    """What a client of an older release sends."""
+
+    async def go():
+        shard = CacheShard(CacheConfig())
+        key = embedding_key("m", "released the old way")
+        owner = await shard.lookup([key])
+        shard.release(owner.owned)
+        return await shard.lookup([key])
+
+    assert run(go()).owned  # nobody holds it: the next caller owns it
 
 
 def test_randomized_isolation_across_namespaces_and_versions():
@@ -344,7 +382,9 @@ def test_answers_of_a_shard_actor_from_an_older_release_are_understood():
     the fields added since, which take their defaults."""
     old = Lookup(["k"], pending=["k"])
     del old.owners  # pickled as an older release's Lookup is: no such field
+    del old.claim
     assert pickle.loads(pickle.dumps(old)).owners == {}
+    assert pickle.loads(pickle.dumps(old)).claim is None
     stats = CacheShard(CacheConfig()).stats()
     older = {"hits_l1": 1, "hits_l2": 0, "misses": 1, "joined": 0, "requests": 2}
     stats["kinds"] = {"search": older}  # without the newer counter

@@ -118,9 +118,11 @@ def test_split_lookup_gives_a_shared_miss_to_its_first_asker_only():
         owned=["a"],
         pending=["b"],
         owners={"b": 4},  # a background request computes it
+        claim=7,
     )
     first, second, third = split_lookup(merged, [2, 2, 1])
     assert first.owners == second.owners == third.owners == {"b": 4}
+    assert first.claim == second.claim == third.claim == 7
     assert (first.keys, first.owned, first.pending) == (["a", "b"], ["a"], ["b"])
     assert (second.keys, second.owned, second.pending) == (["a", "c"], [], ["a"])
     assert second.found["c"] == (b"v", "hit-l1")
