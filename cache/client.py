@@ -287,7 +287,11 @@ class CacheClient:
     def _release(self, shard: int, keys: list[str], claim: int | None) -> None:
         """Gives up `keys` claimed by lookup number `claim` (`Lookup.claim`): their waiters
         compute them. A key claimed since by someone else is left to them."""
-        if keys:
+        if not keys:
+            return
+        if claim is None:  # a shard actor of an older release: its `release` takes keys only
+            self.shards[shard].release.remote(keys)
+        else:
             self.shards[shard].release.remote(keys, claim)
 
     async def _compute_into(self, requests, compute, indices, owned, claims, values) -> None:
