@@ -194,9 +194,9 @@ class CacheShard:
                     stats.hits_l1 += occurrences[key]
                 else:
                     stats.hits_l2 += occurrences[key]
-        urgency: dict[str, int] = {}  # a key's most urgent class among the requests
+        classes: dict[str, list[int]] = defaultdict(list)  # of the requests asking for a key
         for key, request in zip(keys, requests, strict=True):
-            urgency[key] = min(urgency.get(key, request.priority), request.priority)
+            classes[key].append(request.priority)
         now = self.timer()
         for key in missing:
             stats = self._kinds[kinds[key]]
@@ -208,10 +208,10 @@ class CacheShard:
                 result.pending.append(key)
                 result.owners[key] = inflight.priority
                 stats.joined += occurrences[key]
-                stats.outranked += inflight.priority > urgency[key]
+                stats.outranked += sum(c < inflight.priority for c in classes[key])
             else:
                 future = asyncio.get_running_loop().create_future()
-                self._inflight[key] = Claim(future, now, urgency[key], self._lookups)
+                self._inflight[key] = Claim(future, now, min(classes[key]), self._lookups)
                 result.owned.append(key)
                 stats.joined += occurrences[key] - 1
         return result

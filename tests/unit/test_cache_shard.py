@@ -143,6 +143,23 @@ def test_a_join_says_how_urgent_its_owner_is():
     assert stats["joined"] == 3 and stats["outranked"] == 1
 
 
+def test_outranked_joins_are_counted_per_request_in_a_merged_lookup():
+    """The Router merges concurrent requests' lookups: each urgent one counts."""
+
+    async def go():
+        shard = CacheShard(CacheConfig())
+        key = embedding_key("m", "asked by a merged lookup")
+        await asked_at(shard, key, Priority.LOW)
+        asking = (Priority.CRITICAL, Priority.CRITICAL, Priority.BACKGROUND, Priority.HIGH)
+        merged = [dataclasses.replace(key, priority=p) for p in asking]
+        joined = await shard.lookup(merged)
+        return joined, shard.stats()["kinds"]["embedding"]
+
+    joined, stats = run(go())
+    assert joined.pending == [joined.keys[0]]
+    assert stats["joined"] == 4 and stats["outranked"] == 3
+
+
 def test_a_waiter_that_gives_up_on_a_less_urgent_owner_takes_its_class_to_the_claim():
     """It computes the value itself now: later joiners of its class wait for it."""
 
