@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid
 from collections import Counter, OrderedDict, defaultdict
@@ -128,7 +129,9 @@ class CacheShard:
         self.epoch = uuid.uuid4().hex[:8]
         self._versions: dict[str, int] = defaultdict(int)
         self._inflight: dict[str, Claim] = {}
-        self._lookups = 0  # numbers each lookup's claims
+        # numbers each lookup's claims; from a random start, so a release sent before the
+        # actor restarted cannot match a claim made after it
+        self._lookups = int.from_bytes(os.urandom(6), "big")
         self._kinds: dict[Kind, KindStats] = defaultdict(KindStats)
         self._l2_errors = 0
         self._l2_writes_dropped = 0
@@ -171,7 +174,8 @@ class CacheShard:
         keys = [self.full_key(r) for r in requests]
         kinds = dict(zip(keys, (r.kind for r in requests), strict=True))
         self._lookups += 1
-        result = Lookup(keys, claim=self._lookups)
+        number = self._lookups  # other lookups may run while this one awaits Redis
+        result = Lookup(keys, claim=number)
         unique = list(dict.fromkeys(keys))
         for key, value in self.l1.get_many_now(unique).items():
             result.found[key] = (value, "hit-l1")
@@ -211,7 +215,7 @@ class CacheShard:
                 stats.outranked += sum(c < inflight.priority for c in classes[key])
             else:
                 future = asyncio.get_running_loop().create_future()
-                self._inflight[key] = Claim(future, now, min(classes[key]), self._lookups)
+                self._inflight[key] = Claim(future, now, min(classes[key]), number)
                 result.owned.append(key)
                 stats.joined += occurrences[key] - 1
         return result

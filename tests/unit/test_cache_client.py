@@ -14,6 +14,7 @@ from deployments.compute import ComputeGraph
 from mneme.config import CacheConfig, MnemeConfig
 from mneme.errors import Unavailable
 from mneme.priority import Priority
+from tests.clock import Clock
 
 
 class FakeShardHandle:
@@ -165,8 +166,9 @@ def test_an_owner_failing_after_its_claim_lapsed_leaves_the_new_claim_alone():
     B. A then fails: its release must not wake C empty-handed (C would compute it again)."""
 
     async def scenario():
-        config = CacheConfig(single_flight_wait_s=0.05)
-        handle = FakeShardHandle(CacheShard(config))
+        clock = Clock()
+        config = CacheConfig(single_flight_wait_s=5.0)
+        handle = FakeShardHandle(CacheShard(config, timer=clock))
         client = client_of(config, handle)
         key = embedding_key("model", "slow, then failing")
         a_fails, b_done = asyncio.Event(), asyncio.Event()
@@ -186,21 +188,55 @@ def test_an_owner_failing_after_its_claim_lapsed_leaves_the_new_claim_alone():
             return [b"C's"]
 
         a = asyncio.ensure_future(client.get_or_compute([key], compute_a))
-        await asyncio.sleep(0.1)  # A's claim lapses
+        await asyncio.sleep(0.01)
+        clock.now += 10.0  # A's claim lapses
         b = asyncio.ensure_future(client.get_or_compute([key], compute_b))
         await asyncio.sleep(0.01)
-        c = asyncio.ensure_future(client.get_or_compute([key], compute_c, wait_s=5.0))
+        c = asyncio.ensure_future(client.get_or_compute([key], compute_c))
         await asyncio.sleep(0.01)
         a_fails.set()
         with pytest.raises(RuntimeError):
             await a
-        await asyncio.sleep(0.02)  # A's release reaches the shard
+        await asyncio.sleep(0.05)  # A's release reaches the shard
+        woke_empty = c.done()
         b_done.set()
-        return await b, await asyncio.wait_for(c, 5.0), computed_by, client
+        return await b, await asyncio.wait_for(c, 5.0), woke_empty, computed_by, client
 
-    b, c, computed_by, client = asyncio.run(scenario())
-    assert b == c == [b"B's"]
+    b, c, woke_empty, computed_by, client = asyncio.run(scenario())
+    assert b == c == [b"B's"] and not woke_empty
     assert computed_by == ["B"] and client.joined_misses_computed == 0
+
+
+class OlderShardHandle(FakeShardHandle):
+    """A shard actor of an older release (detached actors outlive a deploy): its lookups
+    carry no claim number and its `release` takes keys only."""
+
+    async def _lookup(self, requests):
+        lookup = await super()._lookup(requests)
+        lookup.claim = None
+        return lookup
+
+    async def _release(self, keys):
+        await super()._release(keys)
+
+
+def test_a_failed_owner_releases_its_claims_on_a_shard_of_an_older_release():
+    async def scenario():
+        config = CacheConfig()
+        handle = OlderShardHandle(CacheShard(config))
+        client = client_of(config, handle)
+        key = embedding_key("model", "failing on an old shard")
+
+        async def failing(indices):
+            raise RuntimeError("the model call failed")
+
+        with pytest.raises(RuntimeError):
+            await client.get_or_compute([key], failing)
+        await asyncio.sleep(0.01)
+        return handle, await handle.shard.lookup([key])
+
+    handle, again = asyncio.run(scenario())
+    assert handle.released == again.keys and again.owned == again.keys
 
 
 def test_a_write_whose_cache_cannot_be_invalidated_is_not_acknowledged():

@@ -219,6 +219,39 @@ def test_a_release_drops_only_the_claims_of_its_own_lookup():
     assert still_waiting and got == {second.owned[0]: b"second's"}
 
 
+def test_an_owner_s_release_wakes_its_waiters():
+    async def go():
+        shard = CacheShard(CacheConfig())
+        key = embedding_key("m", "given back")
+        owner = await shard.lookup([key])
+        waiter = await shard.lookup([key])
+        waiting = asyncio.create_task(shard.await_keys(waiter.pending, 5.0))
+        await asyncio.sleep(0.01)
+        shard.release(owner.owned, owner.claim)
+        return await asyncio.wait_for(waiting, 1.0), await shard.lookup([key])
+
+    got, again = run(go())
+    assert got == {} and again.owned == again.keys
+
+
+@pytest.mark.redis
+def test_claims_keep_their_lookup_s_number_across_the_l2_read(redis_server):
+    """Lookups run side by side while each awaits Redis: each claim must carry its own
+    lookup's number, or its owner's release would drop nothing (or another's claim)."""
+
+    async def go():
+        shard = CacheShard(CacheConfig(redis_url=redis_server.url, l2_timeout_s=0.5))
+        first_key, second_key = embedding_key("m", "first"), embedding_key("m", "second")
+        first, second = await asyncio.gather(shard.lookup([first_key]), shard.lookup([second_key]))
+        shard.release(first.owned, first.claim)
+        shard.release(second.owned, second.claim)
+        return first, second, await shard.lookup([first_key, second_key])
+
+    first, second, again = run(go())
+    assert first.owned and second.owned and first.claim != second.claim
+    assert again.owned == again.keys  # both released by their owners
+
+
 def test_a_release_without_a_claim_number_drops_any_claim():
     """What a client of an older release sends."""
 

@@ -149,7 +149,7 @@ def test_a_claim_made_for_a_caller_that_gave_up_is_released():
 
         def orphaned(part: Lookup) -> None:
             released.extend(part.owned)
-            shard.release(part.owned)
+            shard.release(part.owned, part.claim)
 
         merger = Coalescer(lookup, split=split_lookup, max_in_flight=1, orphaned=orphaned)
         key = embedding_key("model", "hello")
