@@ -65,13 +65,11 @@ class BatchGate:
         self._load = AdaptiveWindow(clock=clock)
         self.active = 0  # calls admitted and not yet answered
         self.at_once = 0
-        self.window_s = 0.0
         self.apply(config)
 
     def apply(self, config) -> None:
         """A new `BatchConfig` (also from `user_config`, at run time)."""
         self.config = config
-        self.window_s = config.batch_wait_timeout_s
         self._method.set_max_batch_size(config.max_batch_size)
         self._method.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
 
@@ -81,9 +79,6 @@ class BatchGate:
         self._load.observe()
         at_once = self.config.adaptive and self._at_once_when_idle and self.active == 0
         if self.config.adaptive and not at_once:
-            self.window_s = self._load.window_s(
-                self.config.batch_wait_timeout_s, self.config.max_batch_size
-            )
             self._method.set_batch_wait_timeout_s(self.window_s)
         self.at_once += at_once
         self.active += 1
@@ -91,6 +86,14 @@ class BatchGate:
             yield at_once
         finally:
             self.active -= 1
+
+    @property
+    def window_s(self) -> float:
+        """The window a call joining a batch now waits at most: with `adaptive`, sized from
+        the arrival rate last measured (0 before any load)."""
+        if not self.config.adaptive:
+            return self.config.batch_wait_timeout_s
+        return self._load.window_s(self.config.batch_wait_timeout_s, self.config.max_batch_size)
 
     def stats(self) -> dict:
         return {

@@ -71,6 +71,19 @@ def test_gate_with_a_fixed_window_never_skips_it():
     assert method.timeouts[-1] == 0.01 and gate.stats()["adaptive"] is True
 
 
+def test_the_reported_window_is_the_one_a_call_would_get_now():
+    clock = Clock()
+    gate = BatchGate(RecordingBatchMethod(), BatchConfig(batch_wait_timeout_s=0.05), clock)
+    assert gate.stats()["window_ms"] == 0.0  # adaptive, no load yet: no wait, not 50 ms
+    for _ in range(50):
+        clock.now += 0.001  # 1,000 calls/s: a batch of 32 fills in 32 ms
+        with gate.admit():
+            pass
+    assert 20.0 < gate.stats()["window_ms"] <= 50.0
+    gate.apply(BatchConfig(batch_wait_timeout_s=0.05, adaptive=False))
+    assert gate.stats()["window_ms"] == 50.0
+
+
 def test_a_gate_for_event_loop_work_never_skips_the_queue():
     """VectorSearch's gate: its replica looks idle to every call, so none may run alone."""
     assert MnemeConfig().vector_search.batch.adaptive is True
