@@ -215,8 +215,8 @@ class CacheClient:
         except BaseException:  # cancelled: what the finished lookups claimed is nobody's
             for shard, task in zip(by_shard, tasks, strict=True):
                 if task.done() and not task.cancelled() and task.exception() is None:
-                    if task.result() is not None:
-                        self._release(shard, task.result().owned, task.result().claim)
+                    if (lookup := task.result()) is not None:
+                        self._release(shard, lookup.owned, lookup.claim)
             raise
         for (shard, indices), lookup in zip(by_shard.items(), lookups, strict=True):
             if lookup is None:  # cache unreachable: compute everything of this shard
@@ -300,8 +300,11 @@ class CacheClient:
         try:
             computed = await compute(indices)
         except BaseException:
+            given_back: dict[int, list[str]] = defaultdict(list)
             for shard, key, _ in owned:
-                self._release(shard, [key], claims[shard])
+                given_back[shard].append(key)
+            for shard, keys in given_back.items():  # one call per shard
+                self._release(shard, keys, claims[shard])
             raise
         for i, value in zip(indices, computed, strict=True):
             values[i] = value

@@ -56,7 +56,7 @@ class Claim:
     done: asyncio.Future
     started: float
     priority: int
-    number: int = 0
+    number: int
 
 
 @dataclass
