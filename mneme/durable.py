@@ -67,14 +67,19 @@ class MemoryLog:
         )
         self._lock = threading.Lock()
 
-    def append(self, namespace: str, op: str, payload: Any) -> int:
-        """Commit one write; returns its sequence number once it is durable."""
+    def append(self, namespace: str, op: str, payload: Any) -> tuple[str, int]:
+        """Commit one write; returns its (stream, sequence number) once it is durable."""
         blob = pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
         with self._lock:
             cursor = self._db.execute(
                 "INSERT INTO ops (namespace, op, payload) VALUES (?, ?, ?)", (namespace, op, blob)
             )
-            return int(cursor.lastrowid)
+            return self.STREAM, int(cursor.lastrowid)
+
+    @staticmethod
+    def order(seq: Any) -> int:
+        """A sequence number as something that sorts in log order."""
+        return int(seq)
 
     def sync(self) -> None:
         """Make every committed write durable (with `synchronous: NORMAL` the last commits
@@ -98,8 +103,19 @@ class MemoryLog:
                 last,
                 seq,
             )
-            self._db.execute("DELETE FROM sqlite_sequence WHERE name = 'ops'")
-            self._db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('ops', ?)", (seq,))
+            # one transaction: a replica on this log writing between a delete and an insert
+            # would be numbered from the table's end again, before the snapshot's position
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                (last,) = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM ops").fetchone()
+                self._db.execute("DELETE FROM sqlite_sequence WHERE name = 'ops'")
+                self._db.execute(
+                    "INSERT INTO sqlite_sequence (name, seq) VALUES ('ops', ?)", (max(last, seq),)
+                )
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     def after(self, position: Position, limit: int = 10_000) -> list[LogEntry]:
         with self._lock:
@@ -123,17 +139,24 @@ class RedisMemoryLog:
 
         self._redis = redis.Redis.from_url(url, socket_timeout=10, health_check_interval=10)
         self.streams = [f"{prefix}:{g}" for g in range(groups)]
-        self._refuse_an_evicting_redis(url)
+        self._refuse_an_unsafe_redis(url)
 
-    def _refuse_an_evicting_redis(self, url: str) -> None:
-        """The log is the memories' only copy: a Redis that may evict keys when full (a
-        cache's settings) would drop a stream, and with it every write after the snapshot."""
+    def _refuse_an_unsafe_redis(self, url: str) -> None:
+        """The log is the memories' only copy. Refused: a Redis that may evict keys when full
+        (a cache's settings), which would drop a stream and with it every write after the
+        snapshot; and one without AOF (`appendonly no`, Redis's default), which a restart
+        rolls back to its last RDB save, losing every acknowledged write since."""
         import redis
 
         try:
-            config = self._redis.config_get("maxmemory*")
+            config = self._redis.config_get("maxmemory*") | self._redis.config_get("appendonly")
         except redis.ResponseError as exc:  # CONFIG turned off, as in some managed Redis
-            logger.warning("cannot read %s's eviction policy (%s): it must be noeviction", url, exc)
+            logger.warning(
+                "cannot read %s's settings (%s): it must run with maxmemory-policy noeviction "
+                "and appendonly yes",
+                url,
+                exc,
+            )
             return
         policy = config.get("maxmemory-policy", "noeviction")
         if int(config.get("maxmemory", 0)) and policy != "noeviction":
@@ -141,6 +164,13 @@ class RedisMemoryLog:
                 f"vector_search.storage.redis_url: {url} may evict keys when full "
                 f"(maxmemory-policy {policy}), and the memory log would lose writes; give the "
                 "log a Redis with maxmemory-policy noeviction (or maxmemory 0), not the cache's"
+            )
+        if config.get("appendonly", "yes") != "yes":
+            raise ValueError(
+                f"vector_search.storage.redis_url: {url} runs without AOF (appendonly no), so "
+                "a restart would roll the memory log back to its last snapshot and lose "
+                "acknowledged writes; run it with --appendonly yes --appendfsync always "
+                "(README: Durability)"
             )
 
     def _stream(self, namespace: str) -> str:
@@ -152,10 +182,17 @@ class RedisMemoryLog:
     def continue_after(self, position: Position) -> None:
         """Stream ids are times: new writes come after the snapshot's (clocks allowing)."""
 
-    def append(self, namespace: str, op: str, payload: Any) -> str:
+    def append(self, namespace: str, op: str, payload: Any) -> tuple[str, str]:
         blob = pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
-        entry = self._redis.xadd(self._stream(namespace), {"ns": namespace, "op": op, "p": blob})
-        return entry.decode()
+        stream = self._stream(namespace)
+        entry = self._redis.xadd(stream, {"ns": namespace, "op": op, "p": blob})
+        return stream, entry.decode()
+
+    @staticmethod
+    def order(seq: Any) -> tuple[int, int]:
+        """A stream entry id ("ms-n") as something that sorts in stream order."""
+        ms, _, n = str(seq).partition("-")
+        return int(ms), int(n or 0)
 
     def after(self, position: Position, limit: int = 10_000) -> list[LogEntry]:
         streams = {name: position.get(name, "0-0") for name in self.streams}
@@ -257,7 +294,15 @@ class DurableStore:
             raise ValueError(f"log entry {entry.stream}/{entry.seq}: unknown op {entry.op!r}")
 
     def _write(self, namespace: str, op: str, payload: Any) -> None:
-        self.log.append(namespace, op, payload)  # durable from here on
+        stream, seq = self.log.append(namespace, op, payload)  # durable from here on
+        passed = self.applied.get(stream)
+        if passed is not None and self.log.order(seq) <= self.log.order(passed):
+            # numbered where this replica had already passed: it would never apply it (nor
+            # would a replica starting from its snapshots), so it must not be acknowledged
+            raise RuntimeError(
+                f"memory log {stream}: a write was numbered {seq}, not after position "
+                f"{passed} that this replica had applied; it is not acknowledged"
+            )
         self.catch_up()  # applies ours after anything another replica logged first
         if self.writes_since_snapshot >= self.snapshot_every:
             try:

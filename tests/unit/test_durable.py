@@ -105,7 +105,7 @@ def test_a_snapshot_that_does_not_match_its_map_is_refused(tmp_path):
 def test_log_entries_are_durable_in_order(tmp_path):
     log = MemoryLog(tmp_path / "log.sqlite")
     seqs = [log.append("ns", "delete", f"id{i}") for i in range(5)]
-    assert seqs == [1, 2, 3, 4, 5]
+    assert seqs == [("sqlite", n) for n in range(1, 6)]
     reopened = MemoryLog(tmp_path / "log.sqlite")
     assert [e.payload for e in reopened.after({"sqlite": 2})] == ["id2", "id3", "id4"]
 
@@ -120,8 +120,8 @@ def test_random_adds_deletes_snapshots_and_restarts_match_a_model(tmp_path, seed
 
 @pytest.mark.redis
 @pytest.mark.parametrize("seed", range(2))
-def test_random_history_with_the_log_in_redis_streams(tmp_path, seed, redis_server):
-    run_random_history(tmp_path, seed, IndexConfig(kind="hnsw", min_size=8), redis_server.url)
+def test_random_history_with_the_log_in_redis_streams(tmp_path, seed, log_redis):
+    run_random_history(tmp_path, seed, IndexConfig(kind="hnsw", min_size=8), log_redis.url)
 
 
 @pytest.mark.redis
@@ -229,27 +229,80 @@ def test_writes_after_a_log_that_lost_its_tail_are_not_taken_for_the_snapshots(t
     snapshot recorded them; new writes must be numbered after the snapshot, or every
     restart would skip them as already in it."""
     rng = np.random.default_rng(7)
-    store = DurableStore(tmp_path, synchronous="NORMAL", snapshot_every=3)
-    for i in range(3):
-        store.upsert("a", [NewMemory(f"m{i}", f"text {i}")], unit(rng, 1))
-    assert store.snapshot_position == {"sqlite": 3}
-    store.log.close()
-    cut = MemoryLog(tmp_path / "memories.sqlite")  # what a power cut could leave: seq 1 only
-    cut._db.execute("DELETE FROM ops WHERE seq > 1")
-    cut._db.execute("UPDATE sqlite_sequence SET seq = 1 WHERE name = 'ops'")
-    cut.close()
+    cut_after_snapshot(tmp_path, rng)
     after = DurableStore(tmp_path, synchronous="NORMAL")
     after.upsert("a", [NewMemory("new", "after the cut")], unit(rng, 1))
     assert DurableStore(tmp_path).get("a", "new") is not None
 
 
-def test_a_redis_that_may_evict_the_log_is_refused(tmp_path, redis_server):
+def test_a_redis_that_may_lose_the_log_is_refused(tmp_path, redis_server):
+    """The log is the memories' only copy: not in a Redis that evicts keys when full, nor in
+    one without AOF (Redis's default), which a restart rolls back to its last RDB save."""
     import redis
 
     server = redis.Redis.from_url(redis_server.url)
+    with pytest.raises(ValueError, match="appendonly no"):
+        DurableStore(tmp_path, redis_url=redis_server.url)
+    server.config_set("appendonly", "yes")
     server.config_set("maxmemory", "100mb")
     server.config_set("maxmemory-policy", "allkeys-lru")  # a cache's settings
     with pytest.raises(ValueError, match="maxmemory-policy allkeys-lru"):
         DurableStore(tmp_path, redis_url=redis_server.url)
     server.config_set("maxmemory-policy", "noeviction")
     DurableStore(tmp_path, redis_url=redis_server.url).log.close()
+
+
+def cut_after_snapshot(tmp_path, rng) -> None:
+    """Three writes and a snapshot at 3, then the log cut back to its first entry (what a
+    power cut under synchronous NORMAL could leave)."""
+    store = DurableStore(tmp_path, synchronous="NORMAL", snapshot_every=3)
+    for i in range(3):
+        store.upsert("a", [NewMemory(f"m{i}", f"text {i}")], unit(rng, 1))
+    assert store.snapshot_position == {"sqlite": 3}
+    store.log.close()
+    cut = MemoryLog(tmp_path / "memories.sqlite")
+    cut._db.execute("DELETE FROM ops WHERE seq > 1")
+    cut._db.execute("UPDATE sqlite_sequence SET seq = 1 WHERE name = 'ops'")
+    cut.close()
+
+
+def test_a_replica_writing_while_another_renumbers_the_log_is_not_numbered_before_it(tmp_path):
+    """A replica starting on a cut log renumbers it after its snapshot; another replica's
+    write must not land between the two statements of that (numbered 2, from the table's
+    end, it would be skipped by every replica past 3). Here the other write is tried at the
+    worst moment: it must wait (it times out) or come after the snapshot."""
+    import sqlite3
+
+    cut_after_snapshot(tmp_path, np.random.default_rng(8))
+    other = sqlite3.connect(tmp_path / "memories.sqlite", timeout=0.05, isolation_level=None)
+    tried: list[str] = []
+
+    def write_between(statement: str) -> None:
+        if statement.startswith("DELETE FROM sqlite_sequence") and not tried:
+            try:
+                other.execute("INSERT INTO ops (namespace, op, payload) VALUES ('a', 'x', x'')")
+                tried.append("written")
+            except sqlite3.OperationalError as exc:
+                tried.append(str(exc))
+
+    log = MemoryLog(tmp_path / "memories.sqlite", "NORMAL")
+    log._db.set_trace_callback(write_between)
+    log.continue_after({"sqlite": 3})
+    log._db.set_trace_callback(None)
+    assert tried == ["database is locked"]
+    _, seq = log.append("a", "delete", "m0")
+    assert seq > 3
+    log.close()
+    other.close()
+
+
+def test_a_write_numbered_before_the_replicas_position_is_not_acknowledged(tmp_path):
+    """Whatever numbered it there (a log renumbered behind this replica's back), a write that
+    no replica past that position would apply fails instead of being acknowledged."""
+    rng = np.random.default_rng(9)
+    cut_after_snapshot(tmp_path, rng)
+    store = DurableStore(tmp_path, synchronous="NORMAL")
+    assert store.applied == {"sqlite": 3}
+    store.log._db.execute("UPDATE sqlite_sequence SET seq = 1 WHERE name = 'ops'")
+    with pytest.raises(RuntimeError, match="not acknowledged"):
+        store.upsert("a", [NewMemory("lost", "numbered 2")], unit(rng, 1))

@@ -51,9 +51,9 @@ def test_a_write_by_another_replica_during_the_check_is_not_a_failure(tmp_path):
 
 
 @pytest.mark.redis
-def test_the_check_fails_when_the_redis_log_cannot_be_read(tmp_path, redis_server):
-    searcher = replica(tmp_path, redis_server.url)
+def test_the_check_fails_when_the_redis_log_cannot_be_read(tmp_path, log_redis):
+    searcher = replica(tmp_path, log_redis.url)
     asyncio.run(searcher.check_health())
-    redis_server.stop()
+    log_redis.stop()
     with pytest.raises(Exception, match="(?i)connect"):
         asyncio.run(searcher.check_health())
