@@ -25,6 +25,7 @@ from mneme.priority import Priority
 
 logger = logging.getLogger(__name__)
 Compute = Callable[[list[int]], Awaitable[list[bytes]]]
+MAX_REBUMP_DELAY_S = 30.0  # between background retries of a bump no shard confirmed
 
 
 async def _awaited(ref: Any) -> Any:
@@ -102,6 +103,7 @@ class CacheClient:
         count = config.shards if shards is None else shards
         self.shards = [_shard_actor(config, app_name, i) for i in range(count)]
         self._background: set[asyncio.Future] = set()  # releases of claims nobody took up
+        self._rebumping: set[str] = set()  # namespaces whose bump is retried in the background
         self.joined_misses_computed = 0  # after all: their owner slow (hedged), gone or failed
         # Concurrent requests' lookups (and stores) to one shard go as one actor call.
         self._lookups: list[Coalescer] | None = None
@@ -350,17 +352,45 @@ class CacheClient:
 
     async def bump(self, namespace: str) -> bool:
         """Make every cached search/answer of `namespace` unreachable (after a write); False
-        when no shard confirmed it (slow or restarting for 3 x `bump_timeout_s`)."""
-        shard = self._shard_of_text(namespace)
+        when no shard confirmed it (slow or restarting for 3 x `bump_timeout_s`). The bump is
+        then retried in the background until the shard confirms it: the write stands, and
+        until then its namespace's older results could be served."""
         for attempt in range(3):  # a bump sent twice only moves the version twice
             try:
-                ref = self.shards[shard].bump.remote(namespace)
-                await self._call(ref, self.config.bump_timeout_s)
+                await self._bump_once(namespace)
                 return True
             except Exception as exc:
                 logger.warning("cache bump of %r failed (attempt %d): %r", namespace, attempt, exc)
-        logger.error("namespace %r version not bumped: its cached results may be stale", namespace)
+        logger.error(
+            "namespace %r version not bumped: its cached results may be stale until a retry "
+            "in the background gets through",
+            namespace,
+        )
+        if namespace not in self._rebumping:
+            self._rebumping.add(namespace)
+            detached(self._bump_until_confirmed(namespace), self._background)
         return False
+
+    async def _bump_once(self, namespace: str) -> None:
+        ref = self.shards[self._shard_of_text(namespace)].bump.remote(namespace)
+        await self._call(ref, self.config.bump_timeout_s)
+
+    async def _bump_until_confirmed(self, namespace: str) -> None:
+        delay = self.config.bump_timeout_s
+        try:
+            while True:
+                await asyncio.sleep(delay)
+                try:
+                    await self._bump_once(namespace)
+                except Exception:
+                    delay = min(delay * 2, MAX_REBUMP_DELAY_S)
+                    continue
+                logger.warning(
+                    "namespace %r version bumped after all (in the background)", namespace
+                )
+                return
+        finally:
+            self._rebumping.discard(namespace)
 
     async def semantic_lookup(
         self, namespace: str, bucket: str, vector: Any, threshold: float

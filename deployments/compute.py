@@ -27,7 +27,7 @@ from cache.keys import (
     normalise_text,
     prompt_key,
 )
-from deployments.downstreams import Downstreams
+from deployments.downstreams import Downstreams, WriteNotSent
 from mneme.coalesce import detached, fire_and_forget
 from mneme.config import MnemeConfig
 from mneme.errors import Unavailable
@@ -109,6 +109,11 @@ class ComputeGraph:
 
     # ----------------------------------------------------------------- embeddings
     async def embed(self, texts: list[str], ctx: RequestContext) -> Embeddings:
+        """The model embeds each text as its cache key names it (`normalise_text`), so a
+        cached vector is the one its key promises: two texts that share a key (one with
+        control characters that Python counts as spaces and the tokenizer drops, say) never
+        share a vector that only one of them would get. Namespaces share this cache."""
+        texts = [normalise_text(text) for text in texts]
         if self.cache is None:
             return await self.down.embed(texts, ctx)
 
@@ -126,6 +131,9 @@ class ComputeGraph:
         return Embeddings(
             np.stack([p[0] for p in pairs]).astype(np.float32), [int(p[1]) for p in pairs]
         )
+
+    async def embedding_dimension(self, ctx: RequestContext) -> int:
+        return await self.down.embedding_dimension(ctx)
 
     # ----------------------------------------------------------------- memories
     async def retrieve(
@@ -150,35 +158,63 @@ class ComputeGraph:
     ) -> list[str]:
         embedded = await self.embed([item.text for item in items], ctx)
         return await self._write(
-            namespace, lambda: self.down.upsert(namespace, items, embedded.vectors, ctx)
+            namespace,
+            lambda gone: self.down.upsert(namespace, items, embedded.vectors, ctx, gone),
         )
 
     async def delete(self, namespace: str, memory_id: str, ctx: RequestContext) -> bool:
-        return await self._write(namespace, lambda: self.down.delete(namespace, memory_id, ctx))
+        """True when the memory was there; a delete that found nothing leaves the namespace's
+        cached results alone (they do not hold it)."""
+        return await self._write(
+            namespace,
+            lambda gone: self.down.delete(namespace, memory_id, ctx, gone),
+            changed=lambda deleted: deleted,
+        )
 
-    async def _write(self, namespace: str, write: Callable[[], Awaitable[T]]) -> T:
-        """`write`, then the namespace's version bump, even when the write fails (it may have
-        landed part-way) and even when the request is cancelled meanwhile (its client gone):
-        the bump must follow the write, or a search between the two would cache the old view
-        under the new version."""
+    async def _write(
+        self,
+        namespace: str,
+        write: Callable[[Callable[[], bool]], Awaitable[T]],
+        changed: Callable[[T], bool] = lambda _: True,
+    ) -> T:
+        """`write(gone)`, then the namespace's version bump, even when the write fails (it may
+        have landed part-way) and even when the request is cancelled meanwhile (its client
+        gone): the bump must follow the write, or a search between the two would cache the
+        old view under the new version. A write still queued for its slot when its request
+        is cancelled is not sent (`gone()` is then true), so it cannot land after a write the
+        client made next. A write that returns and is not `changed` bumps nothing."""
+        cancelled = False
+
+        def gone() -> bool:
+            return cancelled
+
+        async def bump() -> bool:
+            return self.cache is None or await self.cache.bump(namespace)
 
         async def write_then_bump() -> T:
             try:
-                written = await write()
-            finally:
-                bumped = self.cache is None or await self.cache.bump(namespace)
-            if not bumped:
+                written = await write(gone)
+            except WriteNotSent:
+                raise
+            except BaseException:
+                await bump()
+                raise
+            if changed(written) and not await bump():
                 raise Unavailable(
                     f"the write to namespace {namespace!r} is stored, but its cached searches "
-                    "and answers could not be invalidated (cache actor slow or restarting); "
-                    "retrying with the same ids is safe",
+                    "and answers could not be invalidated yet (cache actor slow or "
+                    "restarting; the Router keeps trying); retrying with the same ids is safe",
                     retry_after_s=2.0,
                 )
             return written
 
         task = detached(write_then_bump(), self._writes)  # not cancelled with its request
         fire_and_forget(task)  # its failure is reported to the request, if it is still there
-        return await asyncio.shield(task)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            cancelled = True
+            raise
 
     async def get(self, namespace: str, memory_id: str, ctx: RequestContext) -> StoredMemory | None:
         return await self.down.get(namespace, memory_id, ctx)

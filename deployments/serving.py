@@ -40,7 +40,7 @@ class MnemeService:
         self.compute = compute
         self.embedding_model = config.embedder.model_name
         self.chat_model = config.generator.served_model_name
-        self._embedding_dim: int | None = None  # the embedder's, from its first answer
+        self._embedding_dim: int | None = None  # the Embedder's, asked once when needed
 
     # ---------------------------------------------------------------- models
     def models(self) -> p.ModelList:
@@ -60,10 +60,9 @@ class MnemeService:
     async def embeddings(self, req: p.EmbeddingRequest, ctx: RequestContext) -> p.EmbeddingResponse:
         req.check_limits(self.limits)
         self._check_model(req.model, self.embedding_model)
-        self._check_dimensions(req.dimensions)  # before any compute, once the size is known
+        if req.dimensions is not None:  # before any compute
+            await self._check_dimensions(req.dimensions, ctx)
         result = await self.compute.embed(req.texts(), ctx)
-        self._embedding_dim = result.vectors.shape[1]
-        self._check_dimensions(req.dimensions)
         data = []
         for i, vector in enumerate(result.vectors):
             if req.encoding_format == "base64":
@@ -78,10 +77,15 @@ class MnemeService:
             usage=p.EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens),
         )
 
-    def _check_dimensions(self, dimensions: int | None) -> None:
-        known = self._embedding_dim
-        if dimensions is not None and known is not None and dimensions != known:
-            raise InvalidRequest(f"this model has {known} dimensions", param="dimensions")
+    async def _check_dimensions(self, dimensions: int, ctx: RequestContext) -> None:
+        """Vectors are not shortened: `dimensions` may only name the model's own size (asked
+        of the Embedder once per Router replica)."""
+        if self._embedding_dim is None:
+            self._embedding_dim = await self.compute.embedding_dimension(ctx)
+        if dimensions != self._embedding_dim:
+            raise InvalidRequest(
+                f"this model has {self._embedding_dim} dimensions", param="dimensions"
+            )
 
     async def prewarm(self, req: p.PrewarmRequest, ctx: RequestContext) -> p.PrewarmResponse:
         req.check_limits(self.limits)
@@ -112,6 +116,7 @@ class MnemeService:
         return p.SearchResponse(hits=[_hit(h) for h in hits])
 
     async def get_memory(self, namespace: str, memory_id: str, ctx: RequestContext) -> p.Memory:
+        p.check_memory_id(memory_id)
         stored = await self.compute.get(namespace, memory_id, ctx)
         if stored is None:
             raise NotFound(f"no memory {memory_id!r} in namespace {namespace!r}", param="id")
@@ -122,6 +127,7 @@ class MnemeService:
     async def delete_memory(
         self, namespace: str, memory_id: str, ctx: RequestContext
     ) -> p.DeleteResponse:
+        p.check_memory_id(memory_id)
         if not await self.compute.delete(namespace, memory_id, ctx):
             raise NotFound(f"no memory {memory_id!r} in namespace {namespace!r}", param="id")
         return p.DeleteResponse(id=memory_id, deleted=True)

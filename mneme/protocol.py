@@ -9,10 +9,18 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
 
 from mneme.config import NAMESPACE_PATTERN, LimitsConfig, PriorityName
 from mneme.errors import InvalidRequest
@@ -53,6 +61,18 @@ MemoryId = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
 
 class ApiModel(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
+    # fields where JSON null means "the default", as OpenAI's API takes it (its Python client
+    # sends null for an optional argument passed as None)
+    null_means_default: ClassVar[frozenset[str]] = frozenset()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_nulls_meaning_default(cls, data: Any) -> Any:
+        if isinstance(data, dict) and cls.null_means_default:
+            return {
+                k: v for k, v in data.items() if not (v is None and k in cls.null_means_default)
+            }
+        return data
 
 
 class ResponseModel(BaseModel):
@@ -69,6 +89,12 @@ def _check_text(text: str, param: str, limits: LimitsConfig) -> None:
         raise InvalidRequest(
             f"text is {len(text)} characters; the limit is {limits.max_text_chars}", param=param
         )
+
+
+def check_memory_id(memory_id: str) -> None:
+    """A memory id in a path (GET or DELETE /v1/memories/{id}): one an add could have made."""
+    if re.fullmatch(ID_PATTERN, memory_id) is None:
+        raise InvalidRequest(f"a memory id must match {ID_PATTERN}", param="id")
 
 
 def _check_top_k(top_k: int, param: str, limits: LimitsConfig) -> None:
@@ -232,10 +258,11 @@ class PrewarmResponse(ResponseModel):
 
 
 class EmbeddingRequest(ApiModel):
+    null_means_default = frozenset({"encoding_format"})
     input: Text | list[Text]
     model: str | None = None
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = None
+    dimensions: int | None = Field(None, ge=1)
     user: str | None = None
     priority: PriorityName | None = None
 
@@ -307,6 +334,9 @@ class MemoryOptions(ApiModel):
 
 
 class ChatCompletionRequest(ApiModel):
+    null_means_default = frozenset(
+        {"temperature", "top_p", "n", "stream", "presence_penalty", "frequency_penalty"}
+    )
     messages: list[ChatMessage] = Field(min_length=1)
     model: str | None = None
     max_tokens: int | None = None

@@ -6,8 +6,12 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 import redis
+from ray import serve
+
+from tests.integration.conftest import APP_NAME
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
 
@@ -53,6 +57,22 @@ def test_search_cache_is_invalidated_by_add_and_delete(http):
     after_delete = http.post("/v1/memories/search", json=query)
     assert after_delete.headers["x-cache"] == "miss"
     assert [h["id"] for h in after_delete.json()["hits"]] == ["b"]
+
+
+def test_a_delete_that_finds_nothing_keeps_the_namespaces_cached_results(http):
+    """A 404 (or a 400 for an id no add could have made) changes no state, the cache's
+    versions included: the namespace's searches stay cached."""
+    space = f"c-{uuid.uuid4().hex[:8]}"
+    http.post("/v1/memories", json={"namespace": space, "items": [{"id": "a", "text": "apples"}]})
+    query = {"namespace": space, "query": "fruit", "top_k": 5}
+    assert http.post("/v1/memories/search", json=query).headers["x-cache"] == "miss"
+    for memory_id, status in (("absent", 404), ("not an id!", 400), ("x" * 129, 400)):
+        r = http.delete(f"/v1/memories/{memory_id}", params={"namespace": space})
+        assert r.status_code == status and r.json()["error"]["param"] == "id", r.text
+        assert (
+            http.get(f"/v1/memories/{memory_id}", params={"namespace": space}).status_code == status
+        )
+    assert http.post("/v1/memories/search", json=query).headers["x-cache"] == "hit-l1"
 
 
 def test_same_query_in_two_namespaces_never_shares_a_result(http):
@@ -230,3 +250,20 @@ def test_a_text_twice_in_one_request_is_embedded_once(http):
     data = r.json()["data"]
     assert data[0]["embedding"] == data[2]["embedding"] != data[1]["embedding"]
     assert http.get("/v1/stats").json()["embedder"]["items"] - before == 2
+
+
+def test_a_text_sharing_a_cache_key_is_never_served_another_texts_vector(http):
+    """Vertical tab and form feed are spaces to the cache key but dropped by the tokenizer
+    ('reset\\vmy' would be 'resetmy'): whoever embeds first must not decide the vector that
+    another namespace's caller gets for 'reset my password' (the cache is shared)."""
+    suffix = uuid.uuid4().hex
+    spaced, clean = f"reset\x0bmy\x0cpassword {suffix}", f"reset my password {suffix}"
+    first = embed(http, spaced)
+    assert first.status_code == 200 and first.headers["x-cache"] == "miss"
+    second = embed(http, clean)
+    assert second.headers["x-cache"] == "hit-l1"  # one key for both
+    embedder = serve.get_deployment_handle("Embedder", app_name=APP_NAME)
+    model = embedder.embed.remote([clean]).result().vectors[0]
+    for response in (first, second):
+        served = np.asarray(response.json()["data"][0]["embedding"], dtype=np.float32)
+        assert np.allclose(served, model, atol=1e-5)

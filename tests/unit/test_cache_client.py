@@ -30,6 +30,7 @@ class FakeShardHandle:
         self.await_keys = self._method(shard.await_keys)
         self.store = self._method(shard.store)
         self.bump_delay_s = 0.0
+        self.bump_failures = 0  # the next bumps that fail (a shard restarting, say)
         self.bump = self._method(self._bump)
         self.settings = self._method(self._settings)
 
@@ -55,6 +56,9 @@ class FakeShardHandle:
 
     async def _bump(self, namespace):
         await asyncio.sleep(self.bump_delay_s)
+        if self.bump_failures > 0:
+            self.bump_failures -= 1
+            raise RuntimeError("shard restarting")
         return self.shard.bump(namespace)
 
     async def _settings(self):
@@ -68,6 +72,7 @@ class FakeShardHandle:
 def client_of(config: CacheConfig, handle: FakeShardHandle) -> CacheClient:
     client = CacheClient.__new__(CacheClient)  # no Ray: its one shard is `handle`
     client.config, client.shards, client._background = config, [handle], set()
+    client._rebumping = set()
     client._lookups = client._stores = None
     client.joined_misses_computed = 0
     return client
@@ -249,7 +254,7 @@ def test_a_write_whose_cache_cannot_be_invalidated_is_not_acknowledged():
         graph = ComputeGraph(MnemeConfig(), downstreams=None, cache=client_of(config, handle))
         written = []
 
-        async def write() -> str:
+        async def write(gone) -> str:
             written.append("a")
             return "stored"
 
@@ -260,6 +265,38 @@ def test_a_write_whose_cache_cannot_be_invalidated_is_not_acknowledged():
         with pytest.raises(Unavailable, match="is stored"):
             await graph._write("ns", write)
         assert written == ["a", "a"]
+
+    asyncio.run(scenario())
+
+
+def test_a_bump_no_shard_confirmed_is_retried_in_the_background_until_it_is():
+    """The write is answered 503 (stored, not yet invalidated); the Router goes on bumping,
+    so its namespace's older results stop being served without waiting for another write."""
+
+    async def scenario():
+        config = CacheConfig(bump_timeout_s=0.01)
+        handle = FakeShardHandle(CacheShard(config))
+        client = client_of(config, handle)
+        graph = ComputeGraph(MnemeConfig(), downstreams=None, cache=client)
+
+        async def write(gone) -> str:
+            return "stored"
+
+        before = handle.shard.version("ns")
+        handle.bump_failures = 5  # the request's 3 attempts fail, then 2 retries
+        with pytest.raises(Unavailable, match="keeps trying"):
+            await graph._write("ns", write)
+        assert handle.shard.version("ns") == before and client._rebumping == {"ns"}
+        handle.bump_failures = 5  # a second failed write does not start a second retrier
+        with pytest.raises(Unavailable):
+            await graph._write("ns", write)
+        assert len(client._background) == 1
+        for _ in range(200):
+            if handle.shard.version("ns") != before:
+                break
+            await asyncio.sleep(0.01)
+        assert handle.shard.version("ns") != before
+        assert handle.bump_failures == 0 and not client._rebumping
 
     asyncio.run(scenario())
 
@@ -276,7 +313,7 @@ def test_a_write_outlives_its_cancelled_request_and_is_bumped_after_it_lands():
         graph = ComputeGraph(MnemeConfig(), downstreams=None, cache=client_of(config, handle))
         lands, contexts = asyncio.Event(), []
 
-        async def write() -> str:
+        async def write(gone) -> str:
             contexts.append(_serve_request_context.get())
             await lands.wait()
             return "stored"
