@@ -45,6 +45,12 @@ DEPLOYMENT_NAMES = {
     "vector_search": "VectorSearch",
     "generator": "Generator",
 }
+
+
+class WriteNotSent(Exception):
+    """A write whose request was gone by the time it could be sent: nothing was written."""
+
+
 _UNAVAILABLE = (ActorDiedError, ActorUnavailableError, RayActorError, DeploymentUnavailableError)
 
 
@@ -116,15 +122,20 @@ class Downstreams:
         ctx: RequestContext,
         preemptible: bool = False,
         write: bool = False,
+        abandoned: Callable[[], bool] | None = None,
     ) -> Any:
         """`start(attempt, lease)` sends the call; a preemptible one whose slot a more
         urgent request takes is cancelled and sent again (attempt 1) once it gets a slot
         back. A `write` is sent only while the deadline has not passed, and once sent it is
-        waited for: it cannot be taken back, so a 504 must mean that it was not made."""
+        waited for: it cannot be taken back, so a 504 must mean that it was not made.
+        `abandoned()` true once the slot is granted (the request is gone): nothing is sent
+        (`WriteNotSent`), so a write its client gave up on cannot land after a later one."""
         name = DEPLOYMENT_NAMES[key]
         resume = None
         for attempt in itertools.count():
             async with self._slot(key, ctx, preemptible, resume) as lease:
+                if abandoned is not None and abandoned():
+                    raise WriteNotSent(f"the request was gone before its call to {name}")
                 remaining = ctx.remaining_s()
                 if remaining is not None and remaining <= 0:
                     raise DeadlineExceeded(f"deadline passed before calling {name}")
@@ -150,19 +161,28 @@ class Downstreams:
         if self.embed_coalescer is not None:
             merged = self.embed_coalescer
             return await self._call(
-                "embedder", lambda *_: merged.submit(texts, int(ctx.priority)), ctx
+                "embedder", lambda _, lease: merged.submit(texts, lease.dispatched_class), ctx
             )
         return await self._call("embedder", lambda *_: self.embedder.embed.remote(texts), ctx)
 
+    async def embedding_dimension(self, ctx: RequestContext) -> int:
+        return await self._call("embedder", lambda *_: self.embedder.dimension.remote(), ctx)
+
     # -------------------------------------------------------------- VectorSearch
     async def upsert(
-        self, namespace: str, items: list[NewMemory], vectors: np.ndarray, ctx: RequestContext
+        self,
+        namespace: str,
+        items: list[NewMemory],
+        vectors: np.ndarray,
+        ctx: RequestContext,
+        abandoned: Callable[[], bool] | None = None,
     ) -> list[str]:
         return await self._call(
             "vector_search",
             lambda *_: self.vector_search.upsert.remote(namespace, items, vectors),
             ctx,
             write=True,
+            abandoned=abandoned,
         )
 
     async def search(self, query: SearchQuery, ctx: RequestContext) -> list[SearchHit]:
@@ -175,12 +195,19 @@ class Downstreams:
             "vector_search", lambda *_: self.vector_search.get.remote(namespace, memory_id), ctx
         )
 
-    async def delete(self, namespace: str, memory_id: str, ctx: RequestContext) -> bool:
+    async def delete(
+        self,
+        namespace: str,
+        memory_id: str,
+        ctx: RequestContext,
+        abandoned: Callable[[], bool] | None = None,
+    ) -> bool:
         return await self._call(
             "vector_search",
             lambda *_: self.vector_search.delete.remote(namespace, memory_id),
             ctx,
             write=True,
+            abandoned=abandoned,
         )
 
     async def page(
@@ -213,7 +240,9 @@ class Downstreams:
     async def generate_stream(
         self, request: GenerationRequest, ctx: RequestContext
     ) -> AsyncIterator[GenerationDelta]:
-        async with self._slot("generator", ctx):  # the slot is held for the whole stream
+        async with self._slot("generator", ctx) as lease:  # held for the whole stream
+            aged = min(request.priority, lease.dispatched_class)  # as `generate` sends it
+            request = dataclasses.replace(request, priority=aged)
             stream = self.generator.options(stream=True).generate_stream.remote(request)
             try:
                 while True:  # each delta waited for no longer than the deadline leaves

@@ -121,7 +121,8 @@ class Router:
         """The request's class and deadline, once its key is found to allow its namespace
         and class (403 otherwise, before anything is computed or changed)."""
         param = "priority" if field else "X-Priority"
-        requested = Priority.parse(field or header, param=param) if field or header else None
+        from_header = Priority.parse(header, param="X-Priority") if header else None
+        requested = Priority.parse(field) if field else from_header  # the body's field wins
         priority = Priority.NORMAL if requested is None else requested  # CRITICAL is 0: falsy
         if caller is not None:
             if namespace is not None:

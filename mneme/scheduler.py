@@ -262,7 +262,23 @@ class PriorityScheduler:
         higher = sum(1 for c in recent if c < priority) / len(recent) if recent else 0.0
         left = max(0.1, 1.0 - higher)
         usable = max(1, self.limit(priority))
-        return (ahead / usable + 1) * self._service_s / left, ahead
+        expected = (ahead / usable + 1) * self._service_s / left
+        return min(expected, self._aged_wait_s(priority, recent, ahead)), ahead
+
+    def _aged_wait_s(self, priority: Priority, recent: list[int], ahead: int) -> float:
+        """The wait at most, by aging: once the request has aged past the most urgent class
+        recently dispatched, only the `ahead` requests that queued before it (aged as much or
+        more) still go first, at the full rate of the slots that class may use; later
+        arrivals of the classes taking the slots cannot keep it waiting past then. Unbounded
+        for FIFO (no classes) and for a class no more urgent one takes slots from."""
+        top = min(recent, default=int(priority))
+        if self.fifo or top >= priority:
+            return math.inf
+        past_top = max(0, top - 1)  # effective class past `top` (critical: level with it)
+        boosts = int(priority) - past_top
+        aged = self.starvation_threshold_s + (boosts - 1) * self.boost_interval_s
+        usable = max(1, self.limit(past_top))
+        return max(aged, ahead / usable * self._service_s) + self._service_s / usable
 
     def _retry_after_s(self) -> float:
         backlog = len(self._waiting) / self.capacity * max(self._service_s, 0.05)

@@ -70,6 +70,27 @@ def test_chat_completion(client):
     assert out.model == "mneme-tiny-llama"
 
 
+def test_optional_arguments_passed_as_none_take_their_defaults(client):
+    """The client sends an argument given as None as JSON null; OpenAI's API reads that
+    as the default, and so must this one (not a 400)."""
+    out = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "defaults"}],
+        max_tokens=4,
+        temperature=None,
+        top_p=None,
+        n=None,
+        stream=None,
+        presence_penalty=None,
+        frequency_penalty=None,
+        seed=None,
+        stop=None,
+    )
+    assert out.choices[0].message.content
+    embedded = client.embeddings.create(model="all-MiniLM-L6-v2", input="x", dimensions=None)
+    assert len(embedded.data[0].embedding) == 384
+
+
 def test_chat_is_deterministic_at_temperature_zero(client):
     kwargs = dict(
         model=MODEL, messages=[{"role": "user", "content": "repeat"}], max_tokens=6, temperature=0

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
+
+from deployments.compute import ComputeGraph
 from deployments.downstreams import Downstreams
+from mneme.config import MnemeConfig
 from mneme.priority import Priority, RequestContext
-from mneme.records import Generation, GenerationRequest
+from mneme.records import Embeddings, Generation, GenerationDelta, GenerationRequest, NewMemory
 from mneme.scheduler import PriorityScheduler
 from tests.clock import Clock
 
@@ -25,26 +29,147 @@ class FakeGeneratorHandle:
         return done
 
 
-def test_vllm_is_given_the_class_a_request_aged_to_not_the_one_it_asked_for():
-    """vLLM orders its own queue by priority too: a background request the Router aged up
-    after waiting must not sort behind every newer normal one there."""
+class FakeVectorSearchHandle:
+    """Stands in for VectorSearch's Serve handle (no Ray here): records the writes sent."""
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+        self.upsert = self
+
+    def remote(self, namespace, items, vectors) -> asyncio.Future:
+        self.sent += [item.id for item in items]
+        done = asyncio.get_running_loop().create_future()
+        done.set_result([item.id for item in items])
+        return done
+
+
+def test_a_write_whose_client_left_while_it_queued_is_never_sent():
+    """Sent after its client gave up (and maybe wrote the same id again, acknowledged), the
+    old write would land over the newer one: a write still queued is dropped with its
+    request; one sent is waited for (tests/unit/test_cache_client.py)."""
+
+    async def scenario():
+        scheduler = PriorityScheduler("vector_search", 1)
+        handle = FakeVectorSearchHandle()
+        downstreams = Downstreams(None, handle, None, {"vector_search": scheduler})
+        graph = ComputeGraph(MnemeConfig(), downstreams, cache=None)
+        vectors = np.zeros((1, 4), dtype=np.float32)
+
+        def add(memory_id: str) -> asyncio.Future:
+            ctx = RequestContext()
+            return asyncio.ensure_future(
+                graph._write(
+                    "ns",
+                    lambda gone: downstreams.upsert(
+                        "ns", [NewMemory(memory_id, "t")], vectors, ctx, gone
+                    ),
+                )
+            )
+
+        held = await scheduler.acquire(RequestContext())
+        left, stayed = add("left"), add("stayed")
+        await asyncio.sleep(0.01)
+        assert handle.sent == []  # both queued for the one slot
+        left.cancel()  # its client went away
+        await asyncio.sleep(0.01)
+        scheduler.release(held)
+        assert await stayed == ["stayed"]
+        await asyncio.sleep(0.01)
+        assert handle.sent == ["stayed"]
+        assert scheduler.stats()["in_flight"] == 0
+
+    asyncio.run(scenario())
+
+
+class FakeEmbedderHandle:
+    """Stands in for the Embedder's Serve handle (no Ray here): 4-dimensional zeros."""
+
+    def __init__(self) -> None:
+        self.embed = self
+
+    def remote(self, texts: list[str]) -> asyncio.Future:
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(Embeddings(np.zeros((len(texts), 4), np.float32), [1] * len(texts)))
+        return done
+
+
+class FakeStreamingGeneratorHandle(FakeGeneratorHandle):
+    """The Generator's handle with `stream=True`: one delta per request."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.generate_stream = self
+
+    def options(self, stream: bool) -> FakeStreamingGeneratorHandle:
+        return self
+
+    def remote(self, request: GenerationRequest):
+        self.sent.append(request)
+
+        async def deltas():
+            yield GenerationDelta("text", "length", 1, 1)
+
+        return deltas()
+
+
+def aged_background_call(key: str, call) -> None:
+    """`call(downstreams, ctx)` made as background while `key`'s one slot is held, then
+    dispatched once aging made it high (7 s: threshold 5 s and two 1 s boosts)."""
 
     async def scenario():
         clock = Clock(100.0)
         scheduler = PriorityScheduler(
-            "generator", 1, starvation_threshold_s=5.0, boost_interval_s=1.0, timer=clock
+            key, 1, starvation_threshold_s=5.0, boost_interval_s=1.0, timer=clock
         )
-        handle = FakeGeneratorHandle()
-        downstreams = Downstreams(None, None, handle, {"generator": scheduler})
         held = await scheduler.acquire(RequestContext(Priority.NORMAL))
-        request = GenerationRequest("r", [("user", "hi")], 4, priority=int(Priority.BACKGROUND))
-        waiting = asyncio.ensure_future(
-            downstreams.generate(request, RequestContext(Priority.BACKGROUND))
-        )
+        waiting = asyncio.ensure_future(call(scheduler, RequestContext(Priority.BACKGROUND)))
         await asyncio.sleep(0)
-        clock.now += 7.0  # starving since 5 s: low, normal, high
+        clock.now += 7.0
         scheduler.release(held)
         await waiting
-        assert handle.sent[0].priority == int(Priority.HIGH)
 
     asyncio.run(scenario())
+
+
+def test_a_merged_embed_queues_a_request_at_the_class_it_aged_to():
+    """The merged embed's queue takes the most urgent class first: a background request the
+    Router aged to high must not sort behind normal ones there."""
+    submitted: list[int] = []
+
+    async def call(scheduler, ctx):
+        downstreams = Downstreams(FakeEmbedderHandle(), None, None, {"embedder": scheduler})
+        merged = downstreams.embed_coalescer
+        submit = merged.submit
+        merged.submit = lambda items, priority: (
+            submitted.append(priority) or submit(items, priority)
+        )  # a spy around the real coalescer
+        await downstreams.embed(["a text"], ctx)
+
+    aged_background_call("embedder", call)
+    assert submitted == [int(Priority.HIGH)]
+
+
+def test_vllm_is_given_the_class_a_request_aged_to_not_the_one_it_asked_for():
+    """vLLM orders its own queue by priority too: a background request the Router aged up
+    after waiting must not sort behind every newer normal one there."""
+    handle = FakeGeneratorHandle()
+
+    async def call(scheduler, ctx):
+        downstreams = Downstreams(None, None, handle, {"generator": scheduler})
+        request = GenerationRequest("r", [("user", "hi")], 4, priority=int(Priority.BACKGROUND))
+        await downstreams.generate(request, ctx)
+
+    aged_background_call("generator", call)
+    assert handle.sent[0].priority == int(Priority.HIGH)
+
+
+def test_a_stream_tells_vllm_the_class_it_aged_to():
+    handle = FakeStreamingGeneratorHandle()
+
+    async def call(scheduler, ctx):
+        downstreams = Downstreams(None, None, handle, {"generator": scheduler})
+        request = GenerationRequest("r", [("user", "hi")], 4, priority=int(Priority.BACKGROUND))
+        assert [d.text async for d in downstreams.generate_stream(request, ctx)] == ["text"]
+
+    aged_background_call("generator", call)
+    assert handle.sent[0].priority == int(Priority.HIGH)

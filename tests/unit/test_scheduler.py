@@ -469,3 +469,33 @@ def test_the_scheduler_looks_again_when_the_first_waiter_ages_up_not_the_best_on
         return outcome
 
     assert asyncio.run(go()) == (True, False)
+
+
+def test_a_low_request_that_aging_would_serve_in_time_is_admitted_not_refused():
+    """Normal traffic takes every slot, so a low request's share-based estimate is large;
+    but aging lifts it past normal (to high) within the bound, and then only the requests
+    that queued before it go first. It must be queued, not refused at once, and served
+    before the normal requests that arrived after it."""
+
+    async def go():
+        clock = Clock(100.0)
+        scheduler = PriorityScheduler(
+            "gen", 4, starvation_threshold_s=0.5, boost_interval_s=0.1, timer=clock
+        )  # the bound: 0.5 + 2 x 0.1 = 0.7 s
+        async with scheduler.slot(ctx(Priority.NORMAL)):
+            clock.now += 0.2  # a slot is held 0.2 s: the service-time estimate
+        for _ in range(4):
+            await scheduler.acquire(ctx(Priority.NORMAL))  # budget full, all normal
+        tasks = enqueue(scheduler, {f"before{i}": ctx(Priority.NORMAL) for i in range(3)})
+        await settle()
+        tasks["low"] = asyncio.ensure_future(scheduler.acquire(ctx(Priority.LOW)))
+        await settle()
+        refused = tasks["low"].done()  # refused before: ~3.5 s by the normal share alone
+        clock.now += 0.3
+        tasks |= enqueue(scheduler, {f"after{i}": ctx(Priority.NORMAL) for i in range(3)})
+        clock.now += 0.35  # low has waited 0.65 s: high; `after*` are still normal
+        return refused, await drain(scheduler, tasks)
+
+    refused, order = asyncio.run(go())
+    assert not refused
+    assert order == ["before0", "before1", "before2", "low", "after0", "after1", "after2"]
