@@ -6,6 +6,7 @@ the same; one contract test suite runs against both.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
@@ -116,6 +117,7 @@ class RedisBackend:
         import redis.asyncio as redis
 
         self.key_prefix = key_prefix
+        self.timeout_s = timeout_s
         self.breaker = breaker or CircuitBreaker()
         self.client = redis.Redis.from_url(
             url,
@@ -125,11 +127,15 @@ class RedisBackend:
             retry_on_timeout=False,
         )
 
-    async def _guarded(self, operation):
+    async def _guarded(self, operation, commands: int = 1):
+        """`operation()` within `timeout_s` per round trip it needs (`commands`): each socket
+        read has that timeout, but a call may need several (a reconnect's handshake first),
+        and a Redis answering each just under it must count as failing, or the breaker
+        would never open while every call took several timeouts."""
         if not self.breaker.allow():
             raise CircuitOpen("redis circuit open")
         try:
-            result = await operation()
+            result = await asyncio.wait_for(operation(), self.timeout_s * commands)
         except Exception:
             self.breaker.failure()
             raise
@@ -142,6 +148,28 @@ class RedisBackend:
         values = await self._guarded(lambda: self.client.mget([self.key_prefix + k for k in keys]))
         return {k: v for k, v in zip(keys, values, strict=True) if v is not None}
 
+    async def get_many_with_ttl(self, keys: Sequence[str]) -> dict[str, tuple[bytes, float]]:
+        """{key: (value, seconds it has left)} of the keys present, in one round trip: a
+        value copied into L1 must expire there when it does here, not a TTL later."""
+        if not keys:
+            return {}
+
+        async def read():
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.mget([self.key_prefix + k for k in keys])
+                for key in keys:
+                    pipe.pttl(self.key_prefix + key)
+                return await pipe.execute()
+
+        values, *ttls_ms = await self._guarded(
+            read, commands=2
+        )  # a reconnect's handshake, then this
+        return {
+            k: (v, ttl_ms / 1000)
+            for k, v, ttl_ms in zip(keys, values, ttls_ms, strict=True)
+            if v is not None and ttl_ms > 0  # -2: gone since the MGET; -1: no TTL (not ours)
+        }
+
     async def set_many(self, items: dict[str, bytes], ttl_s: float) -> None:
         if not items:
             return
@@ -152,7 +180,7 @@ class RedisBackend:
                     pipe.set(self.key_prefix + key, value, px=max(1, int(ttl_s * 1000)))
                 await pipe.execute()
 
-        await self._guarded(write)
+        await self._guarded(write, commands=4)  # as many SETs as entries, in one pipeline
 
     async def delete_many(self, keys: Sequence[str]) -> None:
         if keys:

@@ -182,9 +182,9 @@ class CacheShard:
         missing = [k for k in unique if k not in result.found]
         if missing and self.l2 is not None:
             from_l2 = await self._l2_get(missing)
-            for key, value in from_l2.items():
+            for key, (value, left_s) in from_l2.items():
                 result.found[key] = (value, "hit-l2")
-                self.l1.set_many_now({key: value}, self._ttl(kinds[key]))
+                self.l1.set_many_now({key: value}, min(left_s, self._ttl(kinds[key])))
             missing = [k for k in missing if k not in from_l2]
             # while Redis answered, an owner may have stored some of these: look again
             for key, value in self.l1.get_many_now(missing).items():
@@ -213,8 +213,10 @@ class CacheShard:
                 result.owners[key] = inflight.priority
                 stats.joined += occurrences[key]
                 stats.outranked += sum(c < inflight.priority for c in classes[key])
-            else:
-                future = asyncio.get_running_loop().create_future()
+            else:  # a lapsed claim's waiters wait on: whoever stores the key wakes them
+                future = inflight.done if inflight is not None else None
+                if future is None or future.done():
+                    future = asyncio.get_running_loop().create_future()
                 self._inflight[key] = Claim(future, now, min(classes[key]), number)
                 result.owned.append(key)
                 stats.joined += occurrences[key] - 1
@@ -238,11 +240,17 @@ class CacheShard:
                 elif priority is not None and self._inflight.get(key) is claim:
                     claim.priority = min(claim.priority, priority)
                     claim.started = self.timer()
+            # stored meanwhile under a claim that replaced the one waited on
+            found |= self.l1.get_many_now([k for k in claims if k not in found])
         return found
 
-    async def _l2_get(self, keys: list[str]) -> dict[str, bytes]:
+    async def _l2_get(self, keys: list[str]) -> dict[str, tuple[bytes, float]]:
+        """{key: (value, seconds left)}; the backend keeps to `l2_timeout_s` a round trip
+        (and counts a slow Redis as failing): this bound is only a backstop."""
         try:
-            return await asyncio.wait_for(self.l2.get_many(keys), self.config.l2_timeout_s * 2)
+            return await asyncio.wait_for(
+                self.l2.get_many_with_ttl(keys), self.config.l2_timeout_s * 4
+            )
         except Exception as exc:  # L2 is an optimisation: a failure is a miss, counted
             self._l2_errors += 1
             logger.debug("L2 read failed: %r", exc)
@@ -289,7 +297,7 @@ class CacheShard:
 
     async def _l2_set(self, items: dict[str, bytes], ttl: float) -> None:
         try:
-            await asyncio.wait_for(self.l2.set_many(items, ttl), self.config.l2_timeout_s * 4)
+            await asyncio.wait_for(self.l2.set_many(items, ttl), self.config.l2_timeout_s * 8)
         except Exception as exc:
             self._l2_errors += 1
             logger.debug("L2 write failed: %r", exc)

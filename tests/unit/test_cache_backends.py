@@ -1,6 +1,8 @@
 """ONE contract test suite, run against every cache backend (L1 memory and L2 Redis)."""
 
 import asyncio
+import contextlib
+import time
 
 import pytest
 
@@ -121,3 +123,61 @@ def test_redis_down_raises_fast_then_the_breaker_stops_calls(redis_server):
         return errors
 
     assert run(go()) == 3
+
+
+class SlowLink:
+    """A TCP relay in front of a real Redis that holds every reply `delay_s`: a Redis slow
+    to answer, a fault a healthy local one will not produce on demand."""
+
+    def __init__(self, upstream_port: int, delay_s: float):
+        self.upstream_port, self.delay_s = upstream_port, delay_s
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def _relay(self, client_reader, client_writer) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+
+        async def pipe(source, sink, delay_s: float) -> None:
+            try:
+                while data := await source.read(65536):
+                    await asyncio.sleep(delay_s)
+                    sink.write(data)
+                    await sink.drain()
+            except (ConnectionError, asyncio.CancelledError):
+                pass
+            finally:
+                sink.close()
+
+        await asyncio.gather(pipe(client_reader, writer, 0.0), pipe(reader, client_writer, 0.04))
+
+    def close(self) -> None:
+        self.server.close()
+
+
+@pytest.mark.redis
+def test_a_redis_slow_to_answer_opens_the_breaker_instead_of_holding_every_call(redis_server):
+    """Each reply 40 ms late, within the 50 ms read timeout: but a call that must reconnect
+    first needs several round trips. Cancelled from outside it would count as nothing (the
+    breaker never opened, and every call waited out the caller's bound); the backend's own
+    deadline counts it as a failure, so the breaker opens and calls stop waiting."""
+
+    async def go():
+        link = SlowLink(redis_server.port, delay_s=0.04)
+        port = await link.start()
+        backend = RedisBackend(f"redis://127.0.0.1:{port}/0", timeout_s=0.05)
+        took = []
+        for _ in range(6):
+            started = time.perf_counter()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(backend.get_many_with_ttl(["k"]), 0.2)  # the shard's
+            took.append(time.perf_counter() - started)
+        state = backend.breaker.state
+        await backend.close()
+        link.close()
+        return state, took
+
+    state, took = run(go())
+    assert state == "open" and max(took[-2:]) < 0.02, took

@@ -298,6 +298,53 @@ def test_l2_hit_is_promoted_to_l1(redis_server):
 
 
 @pytest.mark.redis
+def test_an_l2_hit_copied_into_l1_expires_when_it_does_in_redis(redis_server):
+    """Copied with a fresh TTL, a value would outlive its TTL by up to a whole TTL in L1
+    (longer once hot): it must keep what it had left."""
+
+    async def go():
+        config = CacheConfig(redis_url=redis_server.url, l2_timeout_s=0.5, ttl_s={"embedding": 0.4})
+        writer, reader = CacheShard(config), CacheShard(config)
+        key = embedding_key("m", "short-lived")
+        await fill(writer, key, b"vector")
+        await writer.flush()
+        await asyncio.sleep(0.25)
+        copied = await reader.lookup([key])  # 0.15 s left
+        await asyncio.sleep(0.25)  # gone in Redis; a fresh 0.4 s TTL would still serve it
+        return copied, await reader.lookup([key], claim=False)
+
+    copied, later = run(go())
+    assert list(copied.found.values()) == [(b"vector", "hit-l2")]
+    assert later.found == {}
+
+
+def test_a_waiter_on_a_lapsed_claim_wakes_when_the_key_is_stored():
+    """A owns K; W joins; A's claim lapses and B takes K over; then A stores K after all.
+    W must wake then with A's value, not wait out its whole timeout and compute K again."""
+
+    async def go():
+        clock = Clock(0.0)
+        shard = CacheShard(CacheConfig(single_flight_wait_s=30.0), timer=clock)
+        key = embedding_key("m", "slow to compute")
+        a = await shard.lookup([key])
+        clock.now = 29.0
+        w = await shard.lookup([key])
+        assert w.pending == w.keys
+        waiting = asyncio.ensure_future(shard.await_keys(w.pending, timeout_s=5.0))
+        await asyncio.sleep(0)
+        clock.now = 31.0  # A's claim lapsed
+        b = await shard.lookup([key])
+        assert b.owned == b.keys  # B took K over
+        started = time.perf_counter()
+        await shard.store([(a.owned[0], Kind.EMBEDDING, b"from A")])
+        found = await waiting
+        return found, time.perf_counter() - started
+
+    found, waited = run(go())
+    assert list(found.values()) == [b"from A"] and waited < 1.0
+
+
+@pytest.mark.redis
 def test_versions_do_not_survive_a_restart_so_l2_never_serves_stale(redis_server):
     async def go():
         config = CacheConfig(redis_url=redis_server.url, l2_timeout_s=0.5)
@@ -374,13 +421,13 @@ def test_a_store_landing_during_the_l2_read_is_not_recomputed(redis_server):
         shard = CacheShard(CacheConfig(redis_url=redis_server.url, l2_timeout_s=0.5))
         key = embedding_key("m", "raced")
         owner = await shard.lookup([key])
-        real_get = shard.l2.get_many
+        real_get = shard.l2.get_many_with_ttl
 
         async def slow_get(keys):
             await shard.store([(owner.owned[0], Kind.EMBEDDING, b"v")])  # lands mid-read
             return await real_get(keys)
 
-        shard.l2.get_many = slow_get
+        shard.l2.get_many_with_ttl = slow_get
         late = await shard.lookup([key])
         await shard.flush()
         return late
