@@ -81,7 +81,7 @@ peer: $(INSTALLED)
 
 # Bulk import of JSONL memories into a running Mneme: resumable (run it again after a crash).
 import: install
-	@test -n "$(FILE)" || (echo "usage: make import FILE=memories.jsonl [URL=...] [NAMESPACE=...]"; exit 2)
+	@test -n "$(FILE)" || (echo "usage: [MNEME_API_KEY=...] make import FILE=memories.jsonl [URL=...] [NAMESPACE=...]"; exit 2)
 	$(BIN)/python -m mneme.importer $(FILE) --url $(or $(URL),http://127.0.0.1:8000) $(if $(NAMESPACE),--namespace $(NAMESPACE))
 
 lint:

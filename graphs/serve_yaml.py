@@ -26,6 +26,14 @@ CONFIG_LOADERS: dict[str, Callable[[dict[str, Any] | None], MnemeConfig]] = {
     "graphs.app:build_app": load_config,
     "graphs.naive:build_app": naive_config,
 }
+DEPLOYMENTS = ("Router", "Embedder", "VectorSearch", "Generator")
+BATCHED = {"Embedder": "embedder", "VectorSearch": "vector_search"}  # -> their args section
+
+
+def _loader(import_path: str) -> Callable[[dict[str, Any] | None], MnemeConfig] | None:
+    """Serve takes `module:attr` and `module.attr` alike."""
+    module, _, attribute = import_path.replace(":", ".").rpartition(".")
+    return CONFIG_LOADERS.get(f"{module}:{attribute}")
 
 
 @dataclass(frozen=True)
@@ -54,7 +62,7 @@ def read_serve_yaml(path: str | Path) -> list[MnemeApp]:
     schema = ServeDeploySchema.model_validate(raw)
     apps = []
     for application in schema.applications:
-        loader = CONFIG_LOADERS.get(application.import_path)
+        loader = _loader(application.import_path)
         if loader is None:
             continue
         try:
@@ -65,23 +73,47 @@ def read_serve_yaml(path: str | Path) -> list[MnemeApp]:
             d.name: d.model_dump(exclude_unset=True, exclude={"name"})
             for d in application.deployments
         }
-        _check_user_configs(application.name, config, options)
+        if unknown := sorted(set(options) - set(DEPLOYMENTS)):
+            raise ValueError(
+                f"application {application.name!r}: no deployment named {unknown} (Mneme's "
+                f"are {', '.join(DEPLOYMENTS)}); its options would be ignored"
+            )
+        _check_user_configs(application.name, config, options, loader is naive_config)
         apps.append(MnemeApp(application.name, application.route_prefix or "/", config, options))
     return apps
 
 
-def _check_user_configs(app: str, config: MnemeConfig, options: dict[str, dict]) -> None:
-    """Each deployment's `user_config` parsed as its replicas will (ValueError naming it)."""
+def _check_user_configs(
+    app: str, config: MnemeConfig, options: dict[str, dict], naive: bool = False
+) -> None:
+    """Each deployment's `user_config` parsed as its replicas will (ValueError naming it).
+    A replica applies its `user_config` over the args, so batch knobs given in both places
+    must agree (the args' would be dead), and the naive graph takes none (it would batch)."""
     parsers = {
         "Router": lambda uc: parse_router_user_config(uc, config.auth),
         "Embedder": lambda uc: parse_batch_config(uc, config.embedder.batch),
         "VectorSearch": lambda uc: parse_batch_config(uc, config.vector_search.batch),
     }
+    where = f"application {app!r}, deployment"
+    if options.get("Generator", {}).get("user_config") is not None:
+        raise ValueError(f"{where} 'Generator': takes no user_config (set args.generator)")
     for name, parse in parsers.items():
         user_config = options.get(name, {}).get("user_config")
         if user_config is None:
             continue
+        if naive and name in BATCHED:
+            raise ValueError(
+                f"{where} {name!r}: the naive graph's batching is off by design; a "
+                "user_config would turn it back on at run time"
+            )
         try:
-            parse(user_config)
+            parsed = parse(user_config)
         except MnemeError as exc:
-            raise ValueError(f"application {app!r}, deployment {name!r}: {exc}") from None
+            raise ValueError(f"{where} {name!r}: {exc}") from None
+        section = getattr(config, BATCHED.get(name, ""), None)
+        if section is not None and "batch" in section.model_fields_set and parsed != section.batch:
+            raise ValueError(
+                f"{where} {name!r}: its user_config {user_config} differs from "
+                f"args.{BATCHED[name]}.batch, which it replaces at run time; set the batch "
+                "knobs in one place"
+            )

@@ -13,6 +13,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PositiveInt,
     SecretStr,
     ValidationError,
     field_validator,
@@ -170,6 +171,26 @@ class VectorSearchConfig(StrictModel):
     index: IndexConfig = Field(default_factory=IndexConfig)
 
 
+# What deployments/generator.py passes to vLLM's AsyncEngineArgs itself (a unit test keeps
+# the two equal); `distributed_executor_backend` is the one engine_kwargs may override.
+ENGINE_ARGS_SET_BY_THE_GENERATOR = frozenset(
+    {
+        "model",
+        "tokenizer",
+        "served_model_name",
+        "max_model_len",
+        "max_num_seqs",
+        "gpu_memory_utilization",
+        "enforce_eager",
+        "enable_prefix_caching",
+        "scheduling_policy",
+        "dtype",
+        "seed",
+        "disable_log_stats",
+    }
+)
+
+
 class GeneratorConfig(StrictModel):
     model_path: str = Field(DEFAULT_GENERATOR_PATH, description="HF model folder on disk.")
     served_model_name: str = Field(DEFAULT_GENERATOR_NAME, description="Model id in the API.")
@@ -192,8 +213,22 @@ class GeneratorConfig(StrictModel):
         "Ignored on GPUs.",
     )
     engine_kwargs: dict[str, Any] = Field(
-        default_factory=dict, description="Extra vLLM AsyncEngineArgs, passed through."
+        default_factory=dict,
+        description="Extra vLLM AsyncEngineArgs, passed through (not the ones the fields "
+        "above set, nor scheduling_policy: priority scheduling is how classes reach vLLM).",
     )
+
+    @field_validator("engine_kwargs")
+    @classmethod
+    def _no_argument_set_twice(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The Generator passes these itself: given here too, vLLM's engine would fail to
+        start with a TypeError naming no field of this config."""
+        if taken := sorted(set(kwargs) & ENGINE_ARGS_SET_BY_THE_GENERATOR):
+            raise ValueError(
+                f"{taken} set by the Generator; use the generator fields of the same name "
+                "(model_path for model and tokenizer) instead"
+            )
+        return kwargs
 
     def resolved_model_path(self) -> str:
         return resolve_path(self.model_path)
@@ -299,7 +334,7 @@ class SchedulerConfig(StrictModel):
     capacity_refresh_s: float = Field(
         5.0, gt=0, description="How often budgets follow replica counts (autoscaling)."
     )
-    capacity: dict[Literal["embedder", "vector_search", "generator"], int] = Field(
+    capacity: dict[Literal["embedder", "vector_search", "generator"], PositiveInt] = Field(
         default_factory=dict,
         description="Fixed in-flight budget per downstream, instead of replicas x "
         "max_ongoing_requests / Router replicas.",
@@ -345,8 +380,8 @@ class ApiKeyConfig(StrictModel):
     def _one_source(self) -> ApiKeyConfig:
         if (self.key is None) == (self.key_env is None):
             raise ValueError("give exactly one of key or key_env")
-        if self.key is not None and len(self.key.get_secret_value()) < 16:
-            raise ValueError("key: use at least 16 characters")
+        if self.key is not None and len(self.key.get_secret_value().strip()) < 16:
+            raise ValueError("key: use at least 16 characters (surrounding spaces do not count)")
         return self
 
 
@@ -416,6 +451,10 @@ def parse_router_user_config(user_config: dict[str, Any] | None, default: AuthCo
         )
     if not user_config or user_config.get("auth") is None:
         return default
+    if not isinstance(user_config["auth"], dict):
+        raise InvalidRequest(
+            "Router user_config.auth must be a mapping (keys, public_paths)", param="user_config"
+        )
     given = dict(user_config["auth"])
     disable = given.pop("disable", False) is True
     try:

@@ -1,6 +1,7 @@
 """Bulk import of memories from JSONL into a running Mneme, resumable after any crash.
 
     python -m mneme.importer memories.jsonl [--url http://127.0.0.1:8000] [--namespace NS]
+        [--api-key KEY]   (or $MNEME_API_KEY, where the service has API keys on)
     make import FILE=memories.jsonl
 
 One JSON object per line: {"text": ..., "id"?: ..., "metadata"?: {...}, "namespace"?: ...}
@@ -23,6 +24,7 @@ import argparse
 import asyncio
 import hashlib
 import json
+import os
 import sys
 from collections import deque
 from collections.abc import Iterator
@@ -46,6 +48,7 @@ class Batch:
     last_line: int
     namespace: str
     items: list[dict[str, Any]]
+    lines: list[int]  # each item's line number (blank lines between them are skipped)
 
 
 def file_digest(path: Path) -> str:
@@ -64,6 +67,7 @@ def read_batches(path: Path, start_line: int, default_ns: str | None, size: int)
     """Batches of consecutive lines of one namespace, from line `start_line + 1` on; a batch
     ends before an id it already holds (the server refuses an id twice in one add)."""
     items: list[dict[str, Any]] = []
+    lines: list[int] = []
     first, namespace = 0, None
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
@@ -86,14 +90,15 @@ def read_batches(path: Path, start_line: int, default_ns: str | None, size: int)
             }
             repeated = any(other["id"] == item["id"] for other in items)
             if items and (ns != namespace or len(items) >= size or repeated):
-                yield Batch(first, number - 1, namespace, items)
-                items = []
+                yield Batch(first, number - 1, namespace, items, lines)
+                items, lines = [], []
             if not items:
                 first, namespace = number, ns
             items.append(item)
+            lines.append(number)
             last = number
     if items:
-        yield Batch(first, last, namespace, items)
+        yield Batch(first, last, namespace, items, lines)
 
 
 class Checkpoint:
@@ -139,7 +144,7 @@ async def send(client: httpx.AsyncClient, batch: Batch, path: Path, retries: int
         param = error.get("param") or ""
         if param.startswith("items["):  # items[i]... -> the line it came from
             index = int(param[6 : param.index("]")])
-            where = f"{path}:{batch.first_line + index}"
+            where = f"{path}:{batch.lines[index]}"
         raise ImportFailed(f"{where}: HTTP {r.status_code}: {error.get('message', r.text)}")
 
 
@@ -151,6 +156,7 @@ async def run_import(
     in_flight: int = 4,
     retries: int = 8,
     progress: bool = True,
+    api_key: str | None = None,
 ) -> dict[str, int]:
     checkpoint = Checkpoint(path, file_digest(path), url, namespace)
     with open(path, encoding="utf-8") as f:
@@ -169,7 +175,8 @@ async def run_import(
             bar.update(head.last_line - checkpoint.lines_done)
             checkpoint.save(head.last_line)
 
-    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    async with httpx.AsyncClient(base_url=url, timeout=120, headers=headers) as client:
 
         async def one(batch: Batch) -> Batch:
             await send(client, batch, path, retries)
@@ -213,6 +220,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--in-flight", type=int, default=4)
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("MNEME_API_KEY"),
+        help="a key allowed the namespaces written (default: $MNEME_API_KEY; none: no auth)",
+    )
     args = parser.parse_args(argv)
     try:
         result = asyncio.run(
@@ -223,11 +235,15 @@ def main(argv: list[str] | None = None) -> int:
                 args.batch_size,
                 args.in_flight,
                 progress=not args.no_progress,
+                api_key=args.api_key,
             )
         )
     except ImportFailed as exc:
         print(f"import stopped: {exc}", file=sys.stderr)
-        print("fix it and run the same command again: it resumes after the last acknowledged line")
+        print(
+            "run the same command again: it resumes after the last acknowledged line; after "
+            "a fix to the file it starts over (already stored lines are replaced, not doubled)"
+        )
         return 1
     print(json.dumps(result))
     return 0

@@ -1,6 +1,8 @@
 """API keys on the real application: keys rotated in by a Router user_config (in place, no
 restart), 401 before the body is read, 403 per namespace and priority, nothing changed."""
 
+import json
+
 import httpx
 import openai
 import pytest
@@ -138,6 +140,21 @@ def test_a_key_is_held_to_its_priority_ceiling(keys_on):
         "/v1/memories/search", json={**body, "priority": "critical"}, headers=bearer(ADMIN)
     )
     assert r.status_code == 200
+
+
+def test_the_importer_sends_its_api_key(keys_on, served, tmp_path):
+    import asyncio
+
+    from mneme.importer import ImportFailed, run_import
+
+    data = tmp_path / "keyed.jsonl"
+    data.write_text(json.dumps({"text": "imported with a key", "id": "k1"}) + "\n")
+    with pytest.raises(ImportFailed, match="HTTP 401"):
+        asyncio.run(run_import(data, served.base_url, "auth-a-import", progress=False))
+    result = asyncio.run(
+        run_import(data, served.base_url, "auth-a-import", progress=False, api_key=AGENT)
+    )
+    assert result["lines_done"] == 1 and memory_ids(keys_on, "auth-a-import") == ["k1"]
 
 
 def test_the_openai_client_sends_its_api_key(keys_on, served):

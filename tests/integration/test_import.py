@@ -65,6 +65,10 @@ def test_a_refused_line_stops_the_import_and_names_the_line(served, tmp_path):
 
     with pytest.raises(ImportFailed, match=r"bad\.jsonl:3: HTTP 400"):
         asyncio.run(run_import(data, served.base_url, progress=False))
+    lines = [json.dumps(good), "", "", json.dumps(good), json.dumps({**good, "text": ""})]
+    data.write_text("\n".join(lines) + "\n")  # blank lines before it: still its own line
+    with pytest.raises(ImportFailed, match=r"bad\.jsonl:5: HTTP 400"):
+        asyncio.run(run_import(data, served.base_url, progress=False))
     with pytest.raises(ImportFailed, match=r"bad\.jsonl:1: no namespace"):
         data.write_text(json.dumps({"text": "x"}) + "\n")
         asyncio.run(run_import(data, served.base_url, progress=False))

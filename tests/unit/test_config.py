@@ -1,4 +1,5 @@
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -39,6 +40,9 @@ def test_defaults_are_the_embedded_cpu_graph():
         ({"embedder": {"batch": {"max_batch_size": 0}}}, "args.embedder.batch.max_batch_size"),
         ({"limits": {"max_top_k": "many"}}, "args.limits.max_top_k"),
         ({"generator": {"gpu_memory_utilization": 1.5}}, "args.generator.gpu_memory_utilization"),
+        ({"generator": {"engine_kwargs": {"max_num_seqs": 8}}}, "args.generator.engine_kwargs"),
+        ({"scheduler": {"capacity": {"embedder": 0}}}, "args.scheduler.capacity.embedder"),
+        ({"auth": {"keys": [{"name": "a", "key": "x" + " " * 15}]}}, "args.auth.keys.0"),
     ],
 )
 def test_a_bad_field_is_named(args, field):
@@ -61,11 +65,85 @@ def test_validate_cli_fails_on_a_typo_naming_the_field(tmp_path, capsys):
     assert validate_main([str(ROOT / "configs" / "local.yaml")]) == 0
 
 
+def local_yaml_changed(change) -> dict:
+    raw = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())
+    change(raw["applications"][0], {d["name"]: d for d in raw["applications"][0]["deployments"]})
+    return raw
+
+
+def set_in(mapping: dict, path: str, value) -> None:
+    *parents, last = path.split(".")
+    for key in parents:
+        mapping = mapping.setdefault(key, {})
+    mapping[last] = value
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (  # Serve takes the dotted form too: the args are still validated
+            lambda app, _: (
+                app.update(import_path="graphs.app.build_app"),
+                set_in(app, "args.limits.max_topk", 5),
+            ),
+            r"args\.limits\.max_topk",
+        ),
+        (lambda app, by: by["Embedder"].update(name="Embeder"), "no deployment named"),
+        (lambda app, by: by["Generator"].update(user_config={"x": 1}), "takes no user_config"),
+        (
+            lambda app, _: set_in(app, "args.embedder.batch.max_batch_size", 8),
+            r"differs from args\.embedder\.batch",
+        ),
+    ],
+    ids=["dotted-import-path", "deployment-typo", "generator-user-config", "batch-twice"],
+)
+def test_validate_refuses_what_serve_run_would_ignore_or_fail_on(tmp_path, change, message):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(local_yaml_changed(change)))
+    [error] = validate_file(bad)
+    assert re.search(message, error), error
+
+
+def test_the_naive_graph_takes_no_batch_user_config(tmp_path):
+    raw = yaml.safe_load((ROOT / "configs" / "naive.yaml").read_text())
+    [embedder] = [d for d in raw["applications"][0]["deployments"] if d["name"] == "Embedder"]
+    embedder["user_config"] = {"max_batch_size": 32}
+    bad = tmp_path / "naive.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    [error] = validate_file(bad)
+    assert "batching is off by design" in error
+
+
 def test_build_app_rejects_bad_args_before_deploying():
     from graphs.app import build_app
 
     with pytest.raises(ValueError, match=r"args\.vector_search\.metric"):
         build_app({"vector_search": {"metric": "l2"}})
+
+
+def test_engine_kwargs_may_not_repeat_what_the_generator_passes_vllm():
+    """The list the config refuses is the Generator's own call, keyword for keyword."""
+    import ast
+
+    from mneme.config import ENGINE_ARGS_SET_BY_THE_GENERATOR
+
+    tree = ast.parse((ROOT / "deployments" / "generator.py").read_text())
+    [call] = [
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "AsyncEngineArgs"
+    ]
+    passed = {keyword.arg for keyword in call.keywords if keyword.arg is not None}
+    assert passed == ENGINE_ARGS_SET_BY_THE_GENERATOR
+
+
+def test_a_router_user_config_whose_auth_is_not_a_mapping_is_refused_by_name():
+    from mneme.config import AuthConfig, parse_router_user_config
+    from mneme.errors import InvalidRequest
+
+    for auth in ([1], "x"):
+        with pytest.raises(InvalidRequest, match="user_config.auth must be a mapping"):
+            parse_router_user_config({"auth": auth}, AuthConfig())
 
 
 def test_config_is_frozen():
@@ -127,6 +205,21 @@ def test_make_run_exports_the_serve_environment(ingress):
     [line] = [line for line in printed.splitlines() if "/serve run" in line]
     env = dict(word.split("=", 1) for word in line.split() if "=" in word)
     assert env == SERVE_ENV | expected
+
+
+def test_only_ray_pods_may_reach_the_kuberay_redis():
+    docs = [d for d in yaml.safe_load_all((ROOT / "configs/kuberay/rayservice.yaml").open()) if d]
+    [redis] = [d for d in docs if d["kind"] == "StatefulSet"]
+    labels = redis["spec"]["template"]["metadata"]["labels"]
+    policies = [
+        d["spec"]
+        for d in docs
+        if d["kind"] == "NetworkPolicy"
+        and d["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    ]
+    assert policies, "no NetworkPolicy selects the Redis pods"
+    [rule] = [rule for policy in policies for rule in policy["ingress"]]
+    assert rule["from"] == [{"podSelector": {"matchLabels": {"ray.io/is-ray-node": "yes"}}}]
 
 
 def test_every_kuberay_container_sets_the_serve_environment():
