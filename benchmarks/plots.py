@@ -118,9 +118,25 @@ def write_all(results: dict[str, Any], folder: Path, load_index: int | None = No
     return written
 
 
+SERVED_ALL = 0.99  # a phase counts toward a graph's capacity only if it served this share
+
+
+def served_all(phase: dict[str, Any]) -> bool:
+    """Whether the phase answered (nearly) every request it was sent with a 2xx. A graph
+    that turns requests away (503) serves the cheap ones (naive: its generations queue and
+    are shed first), so what it served there is an easier mix than the workload's."""
+    return phase["ok"] >= SERVED_ALL * phase["sent"]
+
+
+def capacity_phases(phases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The phases that served the whole mix (all of them if none did)."""
+    return [p for p in phases if served_all(p)] or phases
+
+
 def busiest(graph: dict[str, Any]) -> dict[str, Any]:
-    """The open-loop phase that served the most: its CPU per request is the capacity cost."""
-    return max(graph["open_loop"], key=lambda phase: phase["throughput_rps"])
+    """The open-loop phase that served the most of the whole mix: its CPU per request is the
+    capacity cost."""
+    return max(capacity_phases(graph["open_loop"]), key=lambda phase: phase["throughput_rps"])
 
 
 def _generations_row(r: dict[str, float]) -> list[tuple[str, str, str, str]]:
@@ -234,7 +250,10 @@ def cpu_table(results: dict[str, Any]) -> str:
         "|---|" + "---|" * len(graphs),
     ]
     for role in roles:
-        cells = [f"{p['cpu_s_by_role'].get(role, 0.0) / p['wall_s']:.2f}" for p in phases.values()]
+        cells = [
+            f"{p['cpu_s_by_role'].get(role, 0.0) / p.get('cpu_interval_s', p['wall_s']):.2f}"
+            for p in phases.values()
+        ]
         lines.append(f"| {role} | " + " | ".join(cells) + " |")
     served = [f"{p['throughput_rps']:.1f}" for p in phases.values()]
     lines.append("| (served req/s) | " + " | ".join(served) + " |")
