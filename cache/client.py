@@ -443,6 +443,8 @@ def aggregate(shards: list[dict], expected: int) -> dict[str, Any]:
             l1[name] += value
         if shard["l2"] is not None:
             l2["errors"] = l2.get("errors", 0) + shard["l2"]["errors"]
+            skipped = shard["l2"].get("skipped_while_open", 0)  # absent from older actors
+            l2["skipped_while_open"] = l2.get("skipped_while_open", 0) + skipped
             l2["writes_dropped"] = l2.get("writes_dropped", 0) + shard["l2"]["writes_dropped"]
             l2.setdefault("breaker", []).append(shard["l2"]["breaker"])
     for figures in kinds.values():

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from cache.backends import MemoryBackend, RedisBackend
+from cache.backends import CircuitOpen, MemoryBackend, RedisBackend
 from cache.keys import KeyRequest, Kind, versioned
 from cache.policy import TinyLfuCache
 from mneme.config import CacheConfig
@@ -133,7 +133,8 @@ class CacheShard:
         # actor restarted cannot match a claim made after it
         self._lookups = int.from_bytes(os.urandom(6), "big")
         self._kinds: dict[Kind, KindStats] = defaultdict(KindStats)
-        self._l2_errors = 0
+        self._l2_errors = 0  # calls Redis failed (or was too slow for)
+        self._l2_skipped = 0  # calls not made: the breaker was open
         self._l2_writes_dropped = 0
         self._l2_pending: set[asyncio.Task] = set()
         # (namespace, bucket) -> (version, query vectors, answers), newest last; a bucket is
@@ -251,6 +252,9 @@ class CacheShard:
             return await asyncio.wait_for(
                 self.l2.get_many_with_ttl(keys), self.config.l2_timeout_s * 4
             )
+        except CircuitOpen:  # not a Redis error: none was asked
+            self._l2_skipped += 1
+            return {}
         except Exception as exc:  # L2 is an optimisation: a failure is a miss, counted
             self._l2_errors += 1
             logger.debug("L2 read failed: %r", exc)
@@ -298,6 +302,8 @@ class CacheShard:
     async def _l2_set(self, items: dict[str, bytes], ttl: float) -> None:
         try:
             await asyncio.wait_for(self.l2.set_many(items, ttl), self.config.l2_timeout_s * 8)
+        except CircuitOpen:
+            self._l2_skipped += 1
         except Exception as exc:
             self._l2_errors += 1
             logger.debug("L2 write failed: %r", exc)
@@ -368,9 +374,15 @@ class CacheShard:
             if self.l2 is None
             else {
                 "errors": self._l2_errors,
+                "skipped_while_open": self._l2_skipped,
                 "breaker": self.l2.breaker.state,
                 "writes_dropped": self._l2_writes_dropped,
             },
-            "inflight": len(self._inflight),
+            # claims being computed; one whose owner went away (a Router replica that died
+            # between lookup and store) is dropped by the next lookup after it lapses
+            "inflight": sum(
+                self.timer() - claim.started < self.config.single_flight_wait_s
+                for claim in self._inflight.values()
+            ),
             "semantic": {"hits": self._semantic_hits, "misses": self._semantic_misses},
         }

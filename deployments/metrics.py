@@ -62,6 +62,8 @@ def to_prometheus(stats: dict[str, Any]) -> str:
         lines.append(_sample(f"mneme_cache_l1_{name}", {}, value))
     if cache.get("l2"):
         lines.append(_sample("mneme_cache_l2_errors_total", {}, cache["l2"]["errors"]))
+        skipped = cache["l2"].get("skipped_while_open", 0)
+        lines.append(_sample("mneme_cache_l2_skipped_while_open_total", {}, skipped))
     return "\n".join(lines) + "\n"
 
 
