@@ -141,7 +141,10 @@ class CacheShard:
         # everything but the query that the answer depends on (top_k, filter, max_tokens...)
         # least recently used first; `_semantic_size` answers in all, at most
         # `semantic_max_answers` (callers choose the buckets: top_k, filter, max_tokens)
-        self._semantic: OrderedDict[tuple[str, str], tuple[str, list[np.ndarray], list[bytes]]]
+        # (version, query vectors, answers, when each was added)
+        self._semantic: OrderedDict[
+            tuple[str, str], tuple[str, list[np.ndarray], list[bytes], list[float]]
+        ]
         self._semantic = OrderedDict()
         self._semantic_size = 0
         self._semantic_hits = 0
@@ -322,6 +325,7 @@ class CacheShard:
         entry = self._semantic.get((namespace, bucket))
         if entry is not None:
             self._semantic.move_to_end((namespace, bucket))
+            self._expire_semantic(entry)
         if entry is not None and entry[0] == version and entry[1]:
             scores = np.stack(entry[1]) @ np.asarray(vector, dtype=np.float32)
             best = int(np.argmax(scores))
@@ -341,17 +345,27 @@ class CacheShard:
         entry = self._semantic.get(key)
         if entry is None or entry[0] != version:
             self._drop_semantic(key)
-            entry = self._semantic[key] = (version, [], [])
+            entry = self._semantic[key] = (version, [], [], [])
         self._semantic.move_to_end(key)
         entry[1].append(np.asarray(vector, dtype=np.float32))
         entry[2].append(answer)
+        entry[3].append(self.timer())
         self._semantic_size += 1
         if len(entry[1]) > self.config.semantic_max_per_namespace:
-            del entry[1][0], entry[2][0]
+            del entry[1][0], entry[2][0], entry[3][0]
             self._semantic_size -= 1
         while self._semantic_size > self.config.semantic_max_answers:
             self._drop_semantic(next(iter(self._semantic)))
         return True
+
+    def _expire_semantic(self, entry: tuple[str, list, list, list]) -> None:
+        """Drop the answers older than `ttl_s.answer` (oldest first, as they were added): a
+        similar question is not served an answer the answer cache would have let expire."""
+        oldest_kept = self.timer() - self.config.ttl_s.answer
+        expired = sum(1 for added in entry[3] if added <= oldest_kept)
+        if expired:
+            del entry[1][:expired], entry[2][:expired], entry[3][:expired]
+            self._semantic_size -= expired
 
     def _drop_semantic(self, key: tuple[str, str]) -> None:
         entry = self._semantic.pop(key, None)

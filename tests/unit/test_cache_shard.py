@@ -219,6 +219,25 @@ def test_a_release_drops_only_the_claims_of_its_own_lookup():
     assert still_waiting and got == {second.owned[0]: b"second's"}
 
 
+def test_a_semantic_answer_expires_with_the_answer_ttl():
+    """A similar question is not served an answer older than `ttl_s.answer`, as the answer
+    cache itself would not serve it."""
+    clock = Clock(0.0)
+    shard = CacheShard(CacheConfig(ttl_s={"answer": 600.0}), timer=clock)
+    q = np.ones(4, dtype=np.float32) / 2.0
+    version, _ = shard.semantic_lookup("ns", "b", q, 0.9)
+    shard.semantic_add("ns", "b", version, q, b"old")
+    clock.now = 500.0
+    shard.semantic_add("ns", "b", version, q * 0.999, b"newer")
+    clock.now = 599.0
+    assert shard.semantic_lookup("ns", "b", q, 0.9)[1] == b"old"  # still the closest
+    clock.now = 601.0
+    assert shard.semantic_lookup("ns", "b", q, 0.9)[1] == b"newer"
+    clock.now = 1101.0
+    assert shard.semantic_lookup("ns", "b", q, 0.9)[1] is None
+    assert shard._semantic_size == 0
+
+
 @pytest.mark.redis
 def test_claims_keep_their_lookup_s_number_across_the_l2_read(redis_server):
     """Lookups run side by side while each awaits Redis: each claim must carry its own
