@@ -45,6 +45,7 @@ from mneme.records import (
 )
 
 T = TypeVar("T")
+DIMENSION_PROBE = "What size are this model's vectors?"
 
 
 def _dumps(value: Any) -> bytes:
@@ -133,7 +134,10 @@ class ComputeGraph:
         )
 
     async def embedding_dimension(self, ctx: RequestContext) -> int:
-        return await self.down.embedding_dimension(ctx)
+        """The size of the model's vectors, from a fixed probe text (cached after the first
+        time), under a context of its own so that it does not set the request's X-Cache."""
+        probe = RequestContext(priority=ctx.priority, deadline=ctx.deadline)
+        return int((await self.embed([DIMENSION_PROBE], probe)).vectors.shape[1])
 
     # ----------------------------------------------------------------- memories
     async def retrieve(
@@ -163,26 +167,22 @@ class ComputeGraph:
         )
 
     async def delete(self, namespace: str, memory_id: str, ctx: RequestContext) -> bool:
-        """True when the memory was there; a delete that found nothing leaves the namespace's
-        cached results alone (they do not hold it)."""
+        """True when the memory was there. One that found nothing bumps the version all the
+        same: it may be the retry of a delete that landed while its bump failed (a 503 says
+        retrying is safe), and that retry is what invalidates the results still holding it."""
         return await self._write(
-            namespace,
-            lambda gone: self.down.delete(namespace, memory_id, ctx, gone),
-            changed=lambda deleted: deleted,
+            namespace, lambda gone: self.down.delete(namespace, memory_id, ctx, gone)
         )
 
     async def _write(
-        self,
-        namespace: str,
-        write: Callable[[Callable[[], bool]], Awaitable[T]],
-        changed: Callable[[T], bool] = lambda _: True,
+        self, namespace: str, write: Callable[[Callable[[], bool]], Awaitable[T]]
     ) -> T:
         """`write(gone)`, then the namespace's version bump, even when the write fails (it may
         have landed part-way) and even when the request is cancelled meanwhile (its client
         gone): the bump must follow the write, or a search between the two would cache the
         old view under the new version. A write still queued for its slot when its request
         is cancelled is not sent (`gone()` is then true), so it cannot land after a write the
-        client made next. A write that returns and is not `changed` bumps nothing."""
+        client made next."""
         cancelled = False
 
         def gone() -> bool:
@@ -199,7 +199,7 @@ class ComputeGraph:
             except BaseException:
                 await bump()
                 raise
-            if changed(written) and not await bump():
+            if not await bump():
                 raise Unavailable(
                     f"the write to namespace {namespace!r} is stored, but its cached searches "
                     "and answers could not be invalidated yet (cache actor slow or "

@@ -165,9 +165,6 @@ class Downstreams:
             )
         return await self._call("embedder", lambda *_: self.embedder.embed.remote(texts), ctx)
 
-    async def embedding_dimension(self, ctx: RequestContext) -> int:
-        return await self._call("embedder", lambda *_: self.embedder.dimension.remote(), ctx)
-
     # -------------------------------------------------------------- VectorSearch
     async def upsert(
         self,

@@ -172,10 +172,6 @@ class Embedder:
         counts = [len(ids) for ids in encoded["input_ids"]]
         return np.ascontiguousarray(vectors, dtype=np.float32), counts
 
-    async def dimension(self) -> int:
-        """The size of this model's vectors."""
-        return self.dim
-
     async def stats(self) -> dict:
         return {
             **self._stats.summary(),

@@ -78,8 +78,8 @@ class MnemeService:
         )
 
     async def _check_dimensions(self, dimensions: int, ctx: RequestContext) -> None:
-        """Vectors are not shortened: `dimensions` may only name the model's own size (asked
-        of the Embedder once per Router replica)."""
+        """Vectors are not shortened: `dimensions` may only name the model's own size (learnt
+        once per Router replica from a probe text, before the request's texts are embedded)."""
         if self._embedding_dim is None:
             self._embedding_dim = await self.compute.embedding_dimension(ctx)
         if dimensions != self._embedding_dim:

@@ -111,9 +111,12 @@ def _check_user_configs(
         except MnemeError as exc:
             raise ValueError(f"{where} {name!r}: {exc}") from None
         section = getattr(config, BATCHED.get(name, ""), None)
-        if section is not None and "batch" in section.model_fields_set and parsed != section.batch:
+        if section is None:
+            continue
+        given = section.batch.model_fields_set  # the knobs the args set (not defaults)
+        if clash := sorted(k for k in given if getattr(parsed, k) != getattr(section.batch, k)):
             raise ValueError(
-                f"{where} {name!r}: its user_config {user_config} differs from "
-                f"args.{BATCHED[name]}.batch, which it replaces at run time; set the batch "
-                "knobs in one place"
+                f"{where} {name!r}: its user_config sets {clash} otherwise than "
+                f"args.{BATCHED[name]}.batch, and replicas apply the user_config over the "
+                "args at run time; set each batch knob in one place"
             )

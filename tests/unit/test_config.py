@@ -92,7 +92,7 @@ def set_in(mapping: dict, path: str, value) -> None:
         (lambda app, by: by["Generator"].update(user_config={"x": 1}), "takes no user_config"),
         (
             lambda app, _: set_in(app, "args.embedder.batch.max_batch_size", 8),
-            r"differs from args\.embedder\.batch",
+            r"sets \[.max_batch_size.\] otherwise than args\.embedder\.batch",
         ),
     ],
     ids=["dotted-import-path", "deployment-typo", "generator-user-config", "batch-twice"],
@@ -102,6 +102,19 @@ def test_validate_refuses_what_serve_run_would_ignore_or_fail_on(tmp_path, chang
     bad.write_text(yaml.safe_dump(local_yaml_changed(change)))
     [error] = validate_file(bad)
     assert re.search(message, error), error
+
+
+def test_batch_knobs_split_between_args_and_user_config_are_fine(tmp_path):
+    """A replica lays its user_config over the args' batch: knobs set in one place only
+    both apply (the shipped user_config sets the size and window; the args, adaptivity)."""
+    config = tmp_path / "split.yaml"
+
+    def change(app, by_name):
+        set_in(app, "args.embedder.batch.adaptive", False)
+        by_name["Embedder"]["user_config"]["max_batch_size"] = 16  # not the default
+
+    config.write_text(yaml.safe_dump(local_yaml_changed(change)))
+    assert validate_file(config) == []
 
 
 def test_the_naive_graph_takes_no_batch_user_config(tmp_path):
