@@ -161,9 +161,8 @@ class RedisBackend:
                     pipe.pttl(self.key_prefix + key)
                 return await pipe.execute()
 
-        values, *ttls_ms = await self._guarded(
-            read, commands=2
-        )  # a reconnect's handshake, then this
+        # two round trips at most: a reconnect's handshake, then this
+        values, *ttls_ms = await self._guarded(read, commands=2)
         return {
             k: (v, ttl_ms / 1000)
             for k, v, ttl_ms in zip(keys, values, ttls_ms, strict=True)

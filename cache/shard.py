@@ -137,11 +137,10 @@ class CacheShard:
         self._l2_skipped = 0  # calls not made: the breaker was open
         self._l2_writes_dropped = 0
         self._l2_pending: set[asyncio.Task] = set()
-        # (namespace, bucket) -> (version, query vectors, answers), newest last; a bucket is
-        # everything but the query that the answer depends on (top_k, filter, max_tokens...)
-        # least recently used first; `_semantic_size` answers in all, at most
-        # `semantic_max_answers` (callers choose the buckets: top_k, filter, max_tokens)
-        # (version, query vectors, answers, when each was added)
+        # (namespace, bucket) -> (version, query vectors, answers, when each was added),
+        # newest last; a bucket is everything but the query that the answer depends on
+        # (top_k, filter, max_tokens...), least recently used first; `_semantic_size` answers
+        # in all, at most `semantic_max_answers` (callers choose the buckets)
         self._semantic: OrderedDict[
             tuple[str, str], tuple[str, list[np.ndarray], list[bytes], list[float]]
         ]
@@ -249,12 +248,10 @@ class CacheShard:
         return found
 
     async def _l2_get(self, keys: list[str]) -> dict[str, tuple[bytes, float]]:
-        """{key: (value, seconds left)}; the backend keeps to `l2_timeout_s` a round trip
-        (and counts a slow Redis as failing): this bound is only a backstop."""
+        """{key: (value, seconds left)}; the backend bounds the call (`l2_timeout_s` a round
+        trip) and counts a slow Redis as failing."""
         try:
-            return await asyncio.wait_for(
-                self.l2.get_many_with_ttl(keys), self.config.l2_timeout_s * 4
-            )
+            return await self.l2.get_many_with_ttl(keys)
         except CircuitOpen:  # not a Redis error: none was asked
             self._l2_skipped += 1
             return {}
@@ -304,7 +301,7 @@ class CacheShard:
 
     async def _l2_set(self, items: dict[str, bytes], ttl: float) -> None:
         try:
-            await asyncio.wait_for(self.l2.set_many(items, ttl), self.config.l2_timeout_s * 8)
+            await self.l2.set_many(items, ttl)  # bounded by the backend, as reads are
         except CircuitOpen:
             self._l2_skipped += 1
         except Exception as exc:
@@ -375,6 +372,7 @@ class CacheShard:
     # ------------------------------------------------------------------ stats
     def stats(self) -> dict:
         l1 = self.l1.cache
+        lapsed_before = self.timer() - self.config.single_flight_wait_s
         return {
             "shard": self.shard,
             "kinds": {kind.value: s.as_dict() for kind, s in self._kinds.items()},
@@ -394,9 +392,6 @@ class CacheShard:
             },
             # claims being computed; one whose owner went away (a Router replica that died
             # between lookup and store) is dropped by the next lookup after it lapses
-            "inflight": sum(
-                self.timer() - claim.started < self.config.single_flight_wait_s
-                for claim in self._inflight.values()
-            ),
+            "inflight": sum(claim.started > lapsed_before for claim in self._inflight.values()),
             "semantic": {"hits": self._semantic_hits, "misses": self._semantic_misses},
         }

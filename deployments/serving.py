@@ -40,7 +40,7 @@ class MnemeService:
         self.compute = compute
         self.embedding_model = config.embedder.model_name
         self.chat_model = config.generator.served_model_name
-        self._embedding_dim: int | None = None  # the Embedder's, asked once when needed
+        self._embedding_dim: int | None = None  # learnt once, when a request names one
 
     # ---------------------------------------------------------------- models
     def models(self) -> p.ModelList:

@@ -408,6 +408,7 @@ def test_redis_killed_then_restarted(redis_server):
             )
             outage.append(lookup)
             await shard.store([(lookup.owned[0], Kind.EMBEDDING, b"x")]) if lookup.owned else None
+        await shard.flush()  # the stores' background writes to Redis, refused or failed
         errors_during = shard.stats()["l2"]
         redis_server.start()
         await asyncio.sleep(0.3)  # past the breaker's cooldown
