@@ -6,6 +6,9 @@ Embedder, so inner product is cosine similarity.
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,6 +17,12 @@ import numpy as np
 
 from mneme.config import IndexConfig
 from mneme.records import MemoryPage, NewMemory, SearchHit, StoredMemory
+
+logger = logging.getLogger(__name__)
+
+# A filtered search of an approximate index that allows at most this many memories scores
+# them all (exactly), which costs less than a beam wide enough to meet k of them.
+EXACT_FILTER_MAX = 16_384
 
 # One search of a batch: (namespace, query rows, top_k, metadata filter or None).
 SearchGroup = tuple[str, np.ndarray, int, dict[str, Any] | None]
@@ -94,7 +103,9 @@ class NamespaceIndex:
         self._index = new_faiss_index(dim, "flat", self.config)
         self._by_id: dict[str, StoredMemory] = {}
         self._by_seq: dict[int, StoredMemory] = {}
-        self._tombstones: set[int] = set()
+        self._by_position: dict[int, StoredMemory] = {}
+        self._positions: list[int] = []  # ascending: the listing order
+        self._tombstones: set[int] = set()  # labels still in the index of no live memory
         self._next_seq = 0
         self._mirror = self._new_mirror()
 
@@ -130,8 +141,11 @@ class NamespaceIndex:
         index.kind = state.get("kind", "flat")
         index._index = faiss.deserialize_index(state["index"])
         for stored in state["memories"]:
-            index._by_id[stored.id] = stored
-            index._by_seq[stored.seq] = stored
+            if stored.position < 0:  # a snapshot older than positions listed by seq
+                stored = dataclasses.replace(stored, position=stored.seq)
+            index._place(stored)
+            index._positions.append(stored.position)
+        index._positions.sort()
         index._tombstones = set(state.get("tombstones", ()))
         index._next_seq = state["next_seq"]
         index._mirror = index._new_mirror()
@@ -142,15 +156,32 @@ class NamespaceIndex:
             )
         return index
 
+    def _place(self, stored: StoredMemory) -> None:
+        self._by_id[stored.id] = stored
+        self._by_seq[stored.seq] = stored
+        self._by_position[stored.position] = stored
+
     def _remove(self, labels: list[int]) -> None:
+        """Take dead labels out of the index. HNSW cannot: they stay as tombstones that
+        searches skip until they pass `rebuild_tombstone_share` and the index is rebuilt. A
+        removal that fails (out of memory) leaves tombstones too, tried again with the next
+        one: the write that killed them has happened and is not undone."""
+        self._tombstones.update(labels)
         if self.kind == "hnsw":
-            self._tombstones.update(labels)
             if len(self._tombstones) > self.config.rebuild_tombstone_share * self._index.ntotal:
-                self._rebuild(self.kind)
-        else:
-            self._index.remove_ids(np.asarray(labels, dtype=np.int64))
+                self._rebuild_or_keep(self.kind)
+            return
+        dead = np.asarray(sorted(self._tombstones), dtype=np.int64)
+        try:
+            self._index.remove_ids(dead)
             if self._mirror is not None:
-                self._mirror.remove(labels)
+                self._mirror.remove(dead)
+        except Exception:
+            # the mirror holds no tombstones: FAISS (which skips them) searches from now on
+            logger.exception("namespace %r: %d dead vectors kept", self.namespace, len(dead))
+            self._mirror = None
+            return
+        self._tombstones.clear()
 
     def _live_vectors(self) -> tuple[np.ndarray, np.ndarray]:
         labels = np.asarray(sorted(self._by_seq), dtype=np.int64)
@@ -158,43 +189,57 @@ class NamespaceIndex:
             return np.zeros((0, self.dim), dtype=np.float32), labels
         return self._index.reconstruct_batch(labels).astype(np.float32), labels  # one call
 
-    def _rebuild(self, kind: str) -> None:
-        """A fresh index of `kind` over the live vectors (same labels: nothing drifts)."""
-        vectors, labels = self._live_vectors()
-        index = new_faiss_index(self.dim, kind, self.config, len(labels))
-        if kind == "ivf":
-            index.train(vectors)
-        index.add_with_ids(vectors, labels)
-        self._index, self.kind, self._tombstones = index, kind, set()
-        self._mirror = self._new_mirror()
+    def _rebuild_or_keep(self, kind: str) -> None:
+        """A fresh index of `kind` over the live vectors (same labels: nothing drifts). If it
+        fails (out of memory) the index stays as it was, and the next write tries again."""
+        try:
+            vectors, labels = self._live_vectors()
+            index = new_faiss_index(self.dim, kind, self.config, len(labels))
+            if kind == "ivf":
+                index.train(vectors)
+            index.add_with_ids(vectors, labels)
+        except Exception:
+            logger.exception("namespace %r: rebuilding as %s failed", self.namespace, kind)
+            return
+        # an approximate kind: the torch mirror only ever serves flat namespaces
+        self._index, self.kind, self._tombstones, self._mirror = index, kind, set(), None
 
-    def upsert(self, items: Sequence[NewMemory], vectors: np.ndarray) -> list[str]:
-        """Add items; an item whose id exists replaces it (so a retried add stores one copy).
-        The new vectors go in first: if that fails (the device is out of memory), nothing
-        changed, and the write can be applied again."""
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(items), self.dim)
-        replaced = sorted({self._by_id[item.id].seq for item in items if item.id in self._by_id})
-        seqs = np.arange(self._next_seq, self._next_seq + len(items), dtype=np.int64)
+    def _add_vectors(self, vectors: np.ndarray, seqs: np.ndarray) -> None:
+        """Into FAISS and the mirror, or neither."""
         if self._mirror is not None:
             self._mirror.add(vectors, seqs)
         try:
             self._index.add_with_ids(vectors, seqs)
         except BaseException:
             if self._mirror is not None:
-                self._mirror.remove(seqs)
+                self._mirror.drop_last(len(seqs))
             raise
+
+    def upsert(self, items: Sequence[NewMemory], vectors: np.ndarray) -> list[str]:
+        """Add items; an item whose id exists replaces it (so a retried add stores one copy)
+        and keeps its place in the listing. The new vectors go in first: if that fails (out of
+        memory), nothing changed, and the write can be applied again. What may fail after it
+        (removing replaced vectors, a rebuild as `kind`) is tried again later."""
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(items), self.dim)
+        seqs = np.arange(self._next_seq, self._next_seq + len(items), dtype=np.int64)
+        self._add_vectors(vectors, seqs)
         self._next_seq += len(items)
+        replaced = []
         for item, seq in zip(items, seqs.tolist(), strict=True):
-            stored = StoredMemory(item.id, self.namespace, item.text, dict(item.metadata), seq)
-            self._by_id[item.id] = stored
-            self._by_seq[seq] = stored
+            old = self._by_id.get(item.id)
+            if old is None:
+                self._positions.append(seq)  # the largest yet: seqs only grow
+            else:
+                replaced.append(old.seq)
+                del self._by_seq[old.seq]
+            position = seq if old is None else old.position
+            metadata = dict(item.metadata)
+            self._place(StoredMemory(item.id, self.namespace, item.text, metadata, seq, position))
         if replaced:
-            for seq in replaced:
-                del self._by_seq[seq]
             self._remove(replaced)
         if self.kind == "flat" and self.config.kind != "flat":
             if len(self._by_seq) >= self.config.min_size:
-                self._rebuild(self.config.kind)
+                self._rebuild_or_keep(self.config.kind)
         return [item.id for item in items]
 
     def delete(self, memory_id: str) -> bool:
@@ -202,17 +247,23 @@ class NamespaceIndex:
         if stored is None:
             return False
         del self._by_seq[stored.seq]
+        del self._by_position[stored.position]
+        del self._positions[bisect.bisect_left(self._positions, stored.position)]
         self._remove([stored.seq])
         return True
 
     def get(self, memory_id: str) -> StoredMemory | None:
         return self._by_id.get(memory_id)
 
-    def _search_params(self, selector) -> faiss.SearchParameters | None:
+    def _search_params(self, selector, k: int, widen: float) -> faiss.SearchParameters | None:
+        """`widen`: how many times the memories a search may return are outnumbered by those
+        it may meet (a filter): the beam or the lists probed grow as much, to still find k."""
         if self.kind == "hnsw":
-            params = faiss.SearchParametersHNSW(efSearch=self.config.hnsw_ef_search)
+            ef = max(self.config.hnsw_ef_search, k) * widen
+            params = faiss.SearchParametersHNSW(efSearch=int(min(ef, self._index.ntotal)))
         elif self.kind == "ivf":
-            params = faiss.SearchParametersIVF(nprobe=self.config.ivf_nprobe)
+            nprobe = min(self.config.ivf_nprobe * widen, self._index.nlist)
+            params = faiss.SearchParametersIVF(nprobe=int(nprobe))
         elif selector is None:
             return None
         else:
@@ -226,12 +277,12 @@ class NamespaceIndex:
         return self._index.reconstruct(self._by_id[memory_id].seq)
 
     def page(self, limit: int, cursor: int | None) -> MemoryPage:
-        """Memories in write order after `cursor` (an opaque seq from the previous page)."""
-        after = -1 if cursor is None else cursor
-        seqs = sorted(seq for seq in self._by_seq if seq > after)
-        chosen = [self._by_seq[seq] for seq in seqs[:limit]]
-        more = len(seqs) > limit
-        return MemoryPage(chosen, str(chosen[-1].seq) if more and chosen else None)
+        """Memories in the order their ids were first written, after `cursor` (an opaque
+        position from the previous page)."""
+        start = bisect.bisect_right(self._positions, -1 if cursor is None else cursor)
+        chosen = [self._by_position[p] for p in self._positions[start : start + limit]]
+        more = len(self._positions) > start + limit
+        return MemoryPage(chosen, str(chosen[-1].position) if more and chosen else None)
 
     def search(
         self, queries: np.ndarray, top_k: int, flt: dict[str, Any] | None = None
@@ -248,30 +299,51 @@ class NamespaceIndex:
             return [[] for _ in range(len(queries))]
         if self._mirror is not None:
             scores, labels = self._mirror.search(queries, k, allowed)
+        elif allowed is not None and self.kind != "flat" and len(allowed) <= EXACT_FILTER_MAX:
+            scores, labels = self._exact_search(queries, k, allowed)
         else:
             scores, labels = self._faiss_search(queries, k, allowed)
         results = []
         for row_scores, row_labels in zip(scores, labels, strict=True):
+            # best first; equal scores (the same text under two ids) in write order, so
+            # that a query's hits do not depend on the k it was searched with in its batch
+            found = sorted(
+                (-score, label)
+                for score, label in zip(row_scores.tolist(), row_labels.tolist(), strict=True)
+                if label >= 0
+            )
             hits = []
-            for score, label in zip(row_scores.tolist(), row_labels.tolist(), strict=True):
-                if label < 0:
-                    continue
+            for negative_score, label in found:
                 m = self._by_seq[label]
-                hits.append(SearchHit(m.id, m.text, float(score), dict(m.metadata)))
+                hits.append(SearchHit(m.id, m.text, -float(negative_score), dict(m.metadata)))
             results.append(hits)
         return results
+
+    def _exact_search(
+        self, queries: np.ndarray, k: int, allowed: list[int]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (unordered) among `allowed` by brute force: an approximate index's beam or
+        probed lists meet only part of a namespace, so few of a selective filter's memories."""
+        labels = np.asarray(allowed, dtype=np.int64)
+        scores = queries @ self._index.reconstruct_batch(labels).T
+        k = min(k, len(labels))
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        return np.take_along_axis(scores, top, axis=1), labels[top]
 
     def _faiss_search(
         self, queries: np.ndarray, k: int, allowed: list[int] | None
     ) -> tuple[np.ndarray, np.ndarray]:
-        selector = None
+        selector, widen = None, 1.0
         if allowed is not None:
             selector = faiss.IDSelectorBatch(np.asarray(allowed, dtype=np.int64))
+            widen = self._index.ntotal / len(allowed)
         elif self._tombstones:
             dead = faiss.IDSelectorBatch(np.asarray(sorted(self._tombstones), dtype=np.int64))
             selector = faiss.IDSelectorNot(dead)
             selector.base = dead  # keep it alive as long as the selector
-        return self._index.search(queries, k, params=self._search_params(selector))
+            widen = self._index.ntotal / len(self._by_seq)
+        params = self._search_params(selector, k, widen)
+        return self._index.search(queries, k, params=params)
 
 
 class MemoryStore:

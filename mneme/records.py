@@ -52,7 +52,10 @@ class StoredMemory:
     namespace: str
     text: str
     metadata: dict[str, Any]
-    seq: int  # FAISS label; grows with every write, so it also orders listing
+    seq: int  # FAISS label: a new one with every write of the id
+    # listing order: the seq of the id's first write, kept when it is replaced (so a page
+    # walk does not meet a replaced memory again); -1 in snapshots older than the field
+    position: int = -1
 
 
 @dataclass(frozen=True)

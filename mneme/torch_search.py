@@ -48,6 +48,11 @@ class TorchFlat:
         self._labels[self._n : needed] = labels
         self._n = needed
 
+    def drop_last(self, count: int) -> None:
+        """Undo the last `add` of `count` rows (its labels may be added again)."""
+        self._alive[self._n - count : self._n] = False
+        self._n -= count
+
     def _grow(self, capacity: int) -> None:
         vectors = torch.empty((capacity, self.dim), dtype=self.dtype, device=self.device)
         vectors[: self._n] = self._vectors[: self._n]

@@ -1,8 +1,11 @@
 """The FAISS store against a brute-force model of the expected state."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
+from mneme import index as index_module
 from mneme.config import IndexConfig
 from mneme.index import MemoryStore, NamespaceIndex, matches
 from mneme.records import NewMemory
@@ -189,28 +192,149 @@ def test_torch_flat_keeps_labels_in_write_order_and_compacts():
     assert [sorted(row[row >= 0].tolist()) for row in allowed] == [[7, 9], [7, 9]]
 
 
-def test_a_replace_whose_add_fails_changes_nothing_and_can_be_applied_again():
+class FakeIndexOutOfMemory:
+    """A FAISS index whose `failing` method raises MemoryError: a fault FAISS will not
+    produce on demand. Everything else is the real index's."""
+
+    def __init__(self, real, failing: str):
+        self.real, self.failing = real, failing
+
+    def __getattr__(self, name):
+        if name == self.failing:
+
+            def fail(*args, **kwargs):
+                raise MemoryError("injected")
+
+            return fail
+        return getattr(self.real, name)
+
+
+@pytest.mark.parametrize("config", SEARCH_PATHS, ids=["faiss", "torch"])
+def test_a_replace_whose_add_fails_changes_nothing_and_can_be_applied_again(config):
     """A replica applies a logged write again after a failure (catch_up): the first try
-    must leave the old memory whole, not half-removed."""
+    must leave the old memory whole, not half-removed, and the torch mirror take the same
+    labels again."""
     rng = np.random.default_rng(9)
-    index = NamespaceIndex("a", DIM)
+    index = NamespaceIndex("a", DIM, config)
     old, new = unit(rng, 1), unit(rng, 1)
     index.upsert([NewMemory("m1", "old")], old)
+    index.upsert([NewMemory(f"o{i}", "t") for i in range(10)], unit(rng, 10))  # no compaction
     real = index._index
-
-    class FakeIndexOutOfMemory:  # a fault FAISS will not produce on demand
-        def __getattr__(self, name):
-            return getattr(real, name)
-
-        def add_with_ids(self, *args):
-            raise MemoryError("injected")
-
-    index._index = FakeIndexOutOfMemory()
+    index._index = FakeIndexOutOfMemory(real, "add_with_ids")
     with pytest.raises(MemoryError):
         index.upsert([NewMemory("m1", "new")], new)
     index._index = real
     assert index.get("m1").text == "old"
     assert [h.id for h in index.search(old, 1, None)[0]] == ["m1"]
     index.upsert([NewMemory("m1", "new")], new)  # the retry
+    index.upsert([NewMemory("m2", "other")], unit(rng, 1))  # and the writes after it
     assert index.get("m1").text == "new" and index.page(10, None).memories[0].text == "new"
-    assert len(index.page(10, None).memories) == 1
+    assert [m.id for m in index.page(20, None).memories][::11] == ["m1", "m2"]
+    assert [h.id for h in index.search(new, 1, None)[0]] == ["m1"]
+
+
+@pytest.mark.parametrize("config", SEARCH_PATHS, ids=["faiss", "torch"])
+def test_a_replace_whose_old_vector_cannot_be_removed_stands_and_never_returns_it(config):
+    """The new vector is in and the maps say so: the old one is a tombstone that searches
+    and snapshots account for, removed with the next removal that works."""
+    rng = np.random.default_rng(10)
+    index = NamespaceIndex("a", DIM, config)
+    vectors = unit(rng, 4)
+    index.upsert([NewMemory(f"m{i}", f"t{i}") for i in range(3)], vectors[:3])
+    real = index._index
+    index._index = FakeIndexOutOfMemory(real, "remove_ids")
+    index.upsert([NewMemory("m0", "replaced")], vectors[3:])  # acknowledged, not a failure
+    index._index = real
+    assert index.get("m0").text == "replaced"
+    for path in (index, NamespaceIndex.from_state(index.state(), config)):
+        hits = path.search(vectors[:1], 3, None)[0]  # the old m0 vector is the best match
+        assert sorted(h.id for h in hits) == ["m0", "m1", "m2"]
+        assert next(h for h in hits if h.id == "m0").text == "replaced"
+    index.delete("m1")  # this removal takes the tombstone out too
+    assert index._index.ntotal == 2 and not index._tombstones
+
+
+def test_a_failed_rebuild_keeps_the_index_and_the_write():
+    rng = np.random.default_rng(11)
+    index = NamespaceIndex("a", DIM, IndexConfig(kind="hnsw", min_size=20))
+    vectors = unit(rng, 21)
+    index.upsert([NewMemory(f"m{i}", "t") for i in range(19)], vectors[:19])
+    real_new_index = index_module.new_faiss_index
+
+    def fake_new_index_out_of_memory(*args):  # a fault FAISS will not produce on demand
+        raise MemoryError("injected")
+
+    index_module.new_faiss_index = fake_new_index_out_of_memory
+    try:
+        index.upsert([NewMemory("m19", "t")], vectors[19:20])  # reaches min_size
+    finally:
+        index_module.new_faiss_index = real_new_index
+    assert index.kind == "flat" and index.get("m19") is not None
+    index.upsert([NewMemory("m20", "t")], vectors[20:])  # tried again
+    assert index.kind == "hnsw" and len(index) == 21
+
+
+def test_paging_does_not_meet_a_replaced_memory_again():
+    rng = np.random.default_rng(12)
+    index = NamespaceIndex("a", DIM)
+    index.upsert([NewMemory(f"m{i}", "t") for i in range(6)], unit(rng, 6))
+    first = index.page(3, None)
+    index.upsert([NewMemory("m1", "again")], unit(rng, 1))  # a retried add, say
+    index.delete("m4")
+    rest = index.page(3, int(first.next_cursor))
+    assert [m.id for m in first.memories + rest.memories] == ["m0", "m1", "m2", "m3", "m5"]
+    assert rest.next_cursor is None
+    restored = NamespaceIndex.from_state(index.state())
+    assert [m.id for m in restored.page(10, None).memories] == ["m0", "m1", "m2", "m3", "m5"]
+
+
+def test_a_snapshot_from_before_positions_lists_in_write_order():
+    rng = np.random.default_rng(13)
+    index = NamespaceIndex("a", DIM)
+    index.upsert([NewMemory(f"m{i}", "t") for i in range(4)], unit(rng, 4))
+    state = index.state()
+    state["memories"] = [dataclasses.replace(m, position=-1) for m in state["memories"]]
+    restored = NamespaceIndex.from_state(state)
+    page = restored.page(2, None)
+    assert [m.id for m in page.memories] == ["m0", "m1"]
+    assert [m.id for m in restored.page(2, int(page.next_cursor)).memories] == ["m2", "m3"]
+
+
+def test_equal_scores_come_back_in_write_order_whatever_the_k():
+    """The same text under several ids: a query's hits must not depend on the k of the
+    batch it was searched in (VectorSearch searches a group with its largest top_k)."""
+    rng = np.random.default_rng(14)
+    index = NamespaceIndex("a", DIM)
+    index.upsert([NewMemory(f"o{i}", "t") for i in range(50)], unit(rng, 50))
+    query = unit(rng, 1)
+    index.upsert([NewMemory(f"dup{i}", "t") for i in range(6)], np.repeat(query, 6, axis=0))
+    want = [f"dup{i}" for i in range(6)]
+    for k in (1, 2, 3, 5, 6, 10):
+        assert [h.id for h in index.search(query, k)[0]][: min(k, 6)] == want[:k]
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_a_selective_filter_on_an_approximate_index_finds_top_k(kind):
+    """A filter allowing few memories: the beam (HNSW) or the probed lists (IVF) meet few
+    of them, so they are scored exactly; one allowing many widens the search instead."""
+    rng = np.random.default_rng(15)
+    config = IndexConfig(kind=kind, min_size=100, ivf_nprobe=4, hnsw_ef_search=16)
+    index = NamespaceIndex("a", DIM, config)
+    n = 6000
+    groups = [{"g": "rare" if i % 500 == 0 else ("some" if i % 20 == 0 else "x")} for i in range(n)]
+    vectors = unit(rng, n)
+    index.upsert([NewMemory(f"m{i}", "t", groups[i]) for i in range(n)], vectors)
+    assert index.kind == kind
+    model = {f"m{i}": (vectors[i], groups[i]) for i in range(n)}
+    queries = unit(rng, 8)
+    rare = index.search(queries, 10, {"g": "rare"})
+    for query, hits in zip(queries, rare, strict=True):
+        assert [h.id for h in hits] == brute_force(model, query, 10, {"g": "rare"})
+    original = index_module.EXACT_FILTER_MAX
+    index_module.EXACT_FILTER_MAX = 0  # the widened search, as for a filter allowing many
+    try:
+        some = index.search(queries, 10, {"g": "some"})
+    finally:
+        index_module.EXACT_FILTER_MAX = original
+    assert [len(hits) for hits in some] == [10] * len(queries)
+    assert all(h.metadata == {"g": "some"} for hits in some for h in hits)
