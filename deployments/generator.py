@@ -14,7 +14,7 @@ from ray import serve
 
 from deployments.replica import DOWNSTREAM_LOGGING, identity, max_ongoing_requests
 from mneme.config import GeneratorConfig
-from mneme.errors import ContextLengthExceeded, InvalidRequest
+from mneme.errors import ContextLengthExceeded, InvalidRequest, Unavailable
 from mneme.records import Generation, GenerationDelta, GenerationRequest
 from mneme.stats import Occupancy
 
@@ -82,6 +82,13 @@ class Generator:
             )
         except VLLMValidationError as exc:
             raise _invalid(exc) from None
+        length = len(engine_input["prompt_token_ids"])
+        if length >= self._max_model_len:  # the engine wants room for one output token
+            raise ContextLengthExceeded(
+                f"the prompt is {length} tokens; this model's context is "
+                f"{self._max_model_len}, output included",
+                param="messages",
+            )
         return engine_input
 
     async def _prompt(self, request: GenerationRequest) -> tuple[Any, int | None]:
@@ -134,6 +141,7 @@ class Generator:
 
     async def _deltas(self, request: GenerationRequest, prompt) -> AsyncIterator[GenerationDelta]:
         from vllm.exceptions import VLLMValidationError
+        from vllm.v1.engine.exceptions import EngineDeadError
 
         try:
             sampling = self._sampling(request)
@@ -154,6 +162,10 @@ class Generator:
                     prompt_tokens=len(output.prompt_token_ids or []),
                     completion_tokens=completion_tokens,
                 )
+        except VLLMValidationError as exc:
+            raise _invalid(exc) from None
+        except EngineDeadError:  # the health check restarts the replica
+            raise Unavailable("the Generator's vLLM engine died", retry_after_s=5.0) from None
         finally:
             self._occupancy.exit()
             self._completion_tokens += completion_tokens
@@ -184,6 +196,7 @@ class Generator:
             **self._occupancy.summary(),
             "completion_tokens": self._completion_tokens,
             "max_ongoing_requests": max_ongoing_requests(),
+            "max_num_seqs": self._config.max_num_seqs,  # what vLLM runs at once
             **identity(),
         }
 

@@ -89,7 +89,9 @@ class Coalescer:
         try:
             flat = [item for items, _ in batch for item in items]
             try:
-                result = await self._call(flat)
+                call = self._call(flat)
+                _cancel_when_all_gone(call, [future for _, future in batch])
+                result = await call
                 parts = self._split(result, [len(items) for items, _ in batch])
             except BaseException as exc:  # every caller of the merged call sees its failure
                 for _, future in batch:
@@ -115,6 +117,21 @@ class Coalescer:
             "items": self.items,
             "submissions_per_call": self.submissions / self.calls if self.calls else 0.0,
         }
+
+
+def _cancel_when_all_gone(call: Awaitable[Any], futures: list[asyncio.Future]) -> None:
+    """A merged call that can be cancelled (a Serve handle call) is, once every caller in
+    it has given up: nobody is left to take its result."""
+    cancel = getattr(call, "cancel", None)  # a coroutine (a cache lookup) has none
+    if cancel is None:
+        return
+
+    def one_done(_: asyncio.Future) -> None:
+        if all(future.cancelled() for future in futures):
+            cancel()
+
+    for future in futures:
+        future.add_done_callback(one_done)
 
 
 def _gone() -> Exception:

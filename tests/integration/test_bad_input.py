@@ -204,6 +204,26 @@ def test_a_prompt_longer_than_the_context_is_400_before_any_byte(http, seeded, p
     assert snapshot(http) == before
 
 
+def test_a_prompt_that_fills_the_context_exactly_is_400_and_one_token_less_answers(http):
+    """vLLM wants room for one output token: a prompt of exactly the context's length was a
+    500 from the engine, past the render's own check (which allows up to the length)."""
+
+    def chat(words: int):
+        content = " ".join(["a"] * words)
+        body = {"messages": [{"role": "user", "content": content}], "max_tokens": 1}
+        return post_json(http, "/v1/chat/completions", body)
+
+    one = chat(1)
+    assert one.status_code == 200, one.text
+    framing = one.json()["usage"]["prompt_tokens"] - 1  # the chat template's own tokens
+    full = chat(512 - framing)  # configs/local.yaml: max_model_len 512
+    assert full.status_code == 400, full.text
+    assert full.json()["error"]["code"] == "context_length_exceeded"
+    fits = chat(511 - framing)
+    assert fits.status_code == 200, fits.text
+    assert fits.json()["usage"]["prompt_tokens"] == 511
+
+
 def test_malformed_json_is_400(http, seeded):
     before = snapshot(http)
     r = http.post(

@@ -166,3 +166,47 @@ def test_a_critical_request_does_not_wait_for_a_queued_background_one_asking_the
     after = http.get("/v1/stats").json()
     assert after["cache"]["kinds"]["chat"]["outranked"] == outranked + 1
     assert after["router"]["joined_misses_computed"] == hedged + 1  # computed, not woken
+
+
+def generator_stats(http) -> dict:
+    return http.get("/v1/stats").json()["generator"]
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "unary"])
+def test_a_client_that_leaves_mid_generation_stops_it_in_vllm(served, http, stream):
+    """The Router cancels the Generator call of a request whose client disconnected, and
+    vLLM aborts the sequence: it stops adding tokens. The same request left to finish shows
+    how many it would have generated (sampled without a seed: never a cache hit)."""
+    body = {
+        "messages": [{"role": "user", "content": "tell me everything"}],
+        "max_tokens": 400,
+        "temperature": 1.0,
+        "stream": stream,
+    }
+
+    def send(leave_after_s: float | None) -> None:
+        with served.client(timeout=120.0) as c:
+            if stream:
+                with c.stream("POST", "/v1/chat/completions", json=body) as r:
+                    assert r.status_code == 200
+                    started = time.monotonic()
+                    for _ in r.iter_raw():  # leaving the block closes the connection
+                        if leave_after_s and time.monotonic() - started > leave_after_s:
+                            return
+                return
+            try:
+                c.post("/v1/chat/completions", json=body, timeout=leave_after_s or 120.0)
+            except httpx.TimeoutException:
+                pass  # the client gives up: its connection closes
+
+    def tokens_generated(leave_after_s: float | None) -> int:
+        wait_for(lambda: generator_stats(http)["in_flight"] == 0)
+        before = generator_stats(http)["completion_tokens"]
+        send(leave_after_s)
+        wait_for(lambda: generator_stats(http)["in_flight"] == 0)
+        return generator_stats(http)["completion_tokens"] - before
+
+    whole = tokens_generated(None)
+    assert whole >= 200, whole  # long enough that a stop shows
+    left = tokens_generated(0.1)
+    assert left < whole / 2, (left, whole)

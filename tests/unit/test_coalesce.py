@@ -206,3 +206,47 @@ def test_the_most_urgent_waiting_submission_goes_in_the_next_call():
         assert call.batches == [[0], [3], [1, 2]]  # FIFO would have sent [1, 2] before [3]
 
     asyncio.run(scenario())
+
+
+class FakeHandleCall:
+    """A merged call as a Serve handle makes it (no Ray here): it runs detached from every
+    request, so Serve cancels it with none of them; only `cancel()` stops it (recorded)."""
+
+    def __init__(self, items: list[int]) -> None:
+        self.items = items
+        self.cancelled = False
+        self.gate = asyncio.Event()
+
+    def __await__(self):
+        return self._result().__await__()
+
+    async def _result(self) -> list[int]:
+        await self.gate.wait()
+        if self.cancelled:
+            raise RuntimeError("cancelled")  # as Serve's RequestCancelledError
+        return [item * 10 for item in self.items]
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self.gate.set()
+
+
+def test_a_merged_call_is_cancelled_once_all_its_callers_left_and_not_before():
+    async def scenario():
+        calls: list[FakeHandleCall] = []
+        merger = Coalescer(lambda items: calls.append(FakeHandleCall(items)) or calls[-1])
+        first = merger.submit([1])
+        await asyncio.sleep(0)
+        second, third = merger.submit([2]), merger.submit([3])  # merged into the next call
+        first.cancel()  # its client disconnected
+        await asyncio.sleep(0)
+        assert [call.cancelled for call in calls] == [True]
+        await asyncio.sleep(0.01)  # the next call starts once the first has ended
+        second.cancel()  # one of two callers left: the other still wants the result
+        await asyncio.sleep(0)
+        assert [call.items for call in calls] == [[1], [2, 3]]
+        assert [call.cancelled for call in calls] == [True, False]
+        calls[1].gate.set()
+        assert await third == [30]
+
+    asyncio.run(scenario())
