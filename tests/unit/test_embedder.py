@@ -181,3 +181,26 @@ def test_a_cancelled_encode_keeps_the_cores_until_its_threads_end(embedder):
         return first.cancelled(), held, embedder._encoding.locked()
 
     assert asyncio.run(scenario()) == (True, True, False)  # released once the threads end
+
+
+def test_a_long_text_gets_a_pass_of_its_own_and_the_vectors_stay_encodes(embedder):
+    """A pass pads to its longest text: one long memory merged with short queries would make
+    each of them cost as much as it does."""
+    encoder = embedder._onnx
+    assert encoder.passes([5] * 31 + [256]) == [list(range(31)), [31]]
+    assert encoder.passes([5, 20, 9]) == [[0, 2, 1]]  # small jumps stay in one pass
+    assert [len(p) for p in encoder.passes([10] * 150)] == [encoder._batch_size] * 2 + [22]
+    texts = [*varied_texts(6), " ".join(["words"] * 400), "short"]
+    vectors, tokens = encoder.encode(texts)
+    reference = embedder._model.encode(texts, normalize_embeddings=True)
+    np.testing.assert_allclose(vectors, reference, atol=1e-5)
+    assert tokens[6] == embedder._model.max_seq_length  # truncated, counted as kept
+
+
+def test_a_tokenizer_set_beyond_max_seq_length_is_declined(embedder):
+    """sentence-transformers may carry tokenizer settings of its own (`processing_kwargs`)
+    that the export does not apply: vectors of long texts would differ."""
+    model = pooled_by(embedder, "mean")
+    model[0].processing_kwargs = {"text": {"max_length": 64}}
+    encoder, why_not = OnnxEncoder.of(model, 64)
+    assert encoder is None and "tokenizer settings" in why_not
