@@ -11,6 +11,7 @@ import json
 import math
 import re
 import time
+import unicodedata
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
@@ -46,9 +47,18 @@ def _encoding_problem(value: str) -> str | None:
     return None
 
 
+# What a tokenizer drops (BERT's deletes control and format characters, splits on spaces):
+# a text of only these embeds as an empty one, one vector for all of them.
+_INVISIBLE = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})
+
+
+def _visible(value: str) -> bool:
+    return any(unicodedata.category(ch) not in _INVISIBLE for ch in value)
+
+
 def _clean_text(value: str) -> str:
-    if not value.strip():
-        raise ValueError("text must not be empty")
+    if not _visible(value):
+        raise ValueError("text must not be empty (nor only spaces and invisible characters)")
     if problem := _encoding_problem(value):
         raise ValueError(problem)
     return value

@@ -60,6 +60,7 @@ BAD_ADDS = [
     # (body, expected status, expected param)
     ({"namespace": SPACE, "items": [item(text="")]}, 400, "items[0].text"),
     ({"namespace": SPACE, "items": [item(text="   ")]}, 400, "items[0].text"),
+    ({"namespace": SPACE, "items": [item(text="\u200b\x01")]}, 400, "items[0].text"),
     ({"namespace": SPACE, "items": [item(), item(text=LONG)]}, 400, "items[1].text"),
     ({"namespace": SPACE, "items": [item(text="nul\x00byte")]}, 400, "items[0].text"),
     ({"namespace": SPACE, "items": [item(text="lone \ud800 surrogate")]}, 400, "items[0].text"),

@@ -9,10 +9,17 @@ from mneme.priority import Priority, parse_deadline_ms
 LIMITS = LimitsConfig(max_text_chars=10, max_items_per_request=3, max_top_k=5)
 
 
-@pytest.mark.parametrize("text", ["", "  \n", "a\x00b", "x\ud800y"])
+@pytest.mark.parametrize("text", ["", "  \n", "\u200b\u3000", "\x01\ufeff ", "a\x00b", "x\ud800y"])
 def test_text_rejects_empty_nul_and_lone_surrogates(text):
+    """Only spaces, zero-width or control characters: the tokenizer drops them all, so the
+    text would embed as an empty one (one vector for every such text)."""
     with pytest.raises(ValidationError):
         p.MemoryItem(text=text)
+
+
+@pytest.mark.parametrize("text", ["a", "\u200bé", "日", "🙂", "\x01x"])
+def test_text_with_anything_visible_is_accepted(text):
+    assert p.MemoryItem(text=text).text == text
 
 
 def test_strict_types():
