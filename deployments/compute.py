@@ -61,7 +61,7 @@ class ComputeGraph:
         self.config = config
         self.down = downstreams
         self.cache = cache
-        self.embedding_model = config.embedder.model_name
+        self.embedding_cache_id = config.embedder.cache_id()
         self._writes: set[asyncio.Future] = set()  # running on after their request is gone
 
     def _tiers(self, ctx: RequestContext) -> list[str] | None:
@@ -124,7 +124,7 @@ class ComputeGraph:
                 _dumps((result.vectors[j], result.token_counts[j])) for j in range(len(indices))
             ]
 
-        keys = [embedding_key(self.embedding_model, text) for text in texts]
+        keys = [embedding_key(self.embedding_cache_id, text) for text in texts]
         values = await self.cache.get_or_compute(
             keys, compute, self._tiers(ctx), ctx.remaining_s(), ctx.priority
         )
@@ -153,7 +153,7 @@ class ComputeGraph:
             return await self.down.search(SearchQuery(namespace, vector, top_k, flt), ctx)
 
         key = namespaced_key(
-            Kind.SEARCH, self.embedding_model, namespace, [normalise_text(query), top_k, flt]
+            Kind.SEARCH, self.embedding_cache_id, namespace, [normalise_text(query), top_k, flt]
         )
         return await self.cached(key, search, ctx)
 
@@ -266,5 +266,5 @@ class ComputeGraph:
             request.presence_penalty,
             request.frequency_penalty,
         ]
-        key = prompt_key(kind, self.config.generator.served_model_name, payload, namespace)
+        key = prompt_key(kind, self.config.generator.cache_id(), payload, namespace)
         return await self.cached(key, lambda: self.down.generate(request, ctx), ctx)

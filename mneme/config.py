@@ -90,6 +90,11 @@ class EmbedderConfig(StrictModel):
     )
     batch: BatchConfig = Field(default_factory=BatchConfig)
 
+    def cache_id(self) -> str:
+        """What cached vectors are keyed by: the name and where the model comes from, so a
+        model_path pointed elsewhere under the same name never gets the old model's."""
+        return f"{self.model_name}@{self.model_path or 'packaged'}"
+
     def resolved_model_path(self) -> str:
         if self.model_path:
             return resolve_path(self.model_path)
@@ -229,6 +234,10 @@ class GeneratorConfig(StrictModel):
                 "(model_path for model and tokenizer) instead"
             )
         return kwargs
+
+    def cache_id(self) -> str:
+        """What cached generations are keyed by (as `EmbedderConfig.cache_id`)."""
+        return f"{self.served_model_name}@{self.model_path}"
 
     def resolved_model_path(self) -> str:
         return resolve_path(self.model_path)

@@ -263,3 +263,22 @@ def test_cluster_yaml_autoscales_every_deployment_and_shares_its_state():
     # replicas on several nodes must share the memory log and the L2 cache
     assert config.vector_search.storage.redis_url and config.cache.redis_url
     assert config.auth.keys, "an exposed cluster config must require API keys"
+
+
+def test_a_model_path_pointed_elsewhere_under_the_same_name_shares_no_cached_result():
+    """The cache actors and Redis outlive a redeploy: a new model under the default name
+    must not be served the old model's vectors or generations."""
+    from cache.keys import embedding_key
+    from deployments.compute import ComputeGraph
+
+    base = MnemeConfig()
+    moved = base.model_copy(
+        update={
+            "embedder": base.embedder.model_copy(update={"model_path": "/models/bge-small"}),
+            "generator": base.generator.model_copy(update={"model_path": "/models/qwen"}),
+        }
+    )
+    assert moved.embedder.model_name == base.embedder.model_name
+    ids = [ComputeGraph(c, None).embedding_cache_id for c in (base, moved)]
+    assert embedding_key(ids[0], "a text") != embedding_key(ids[1], "a text")
+    assert base.generator.cache_id() != moved.generator.cache_id()
