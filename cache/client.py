@@ -105,6 +105,7 @@ class CacheClient:
         self._background: set[asyncio.Future] = set()  # releases of claims nobody took up
         self._rebumping: set[str] = set()  # namespaces whose bump is retried in the background
         self.joined_misses_computed = 0  # after all: their owner slow (hedged), gone or failed
+        self._last_shard_stats: dict[int, dict] = {}  # each shard's last answer to `stats`
         # Concurrent requests' lookups (and stores) to one shard go as one actor call.
         self._lookups: list[Coalescer] | None = None
         self._stores: list[Coalescer] | None = None
@@ -422,10 +423,17 @@ class CacheClient:
         return out
 
     async def stats(self) -> dict[str, Any]:
-        shards = await asyncio.gather(
+        """Every shard's figures and their sum. A shard that does not answer in time is
+        summed as it last answered, so the sums (counters) do not drop while it is slow."""
+        answers = await asyncio.gather(
             *(self._call(s.stats.remote()) for s in self.shards), return_exceptions=True
         )
-        return aggregate([s for s in shards if isinstance(s, dict)], len(self.shards))
+        answered = {i: a for i, a in enumerate(answers) if isinstance(a, dict)}
+        self._last_shard_stats |= answered
+        out = aggregate(list(self._last_shard_stats.values()), len(self.shards))
+        out["shards_answering"] = len(answered)
+        out["by_shard"] = {str(i): figures for i, figures in answered.items()}
+        return out
 
 
 def aggregate(shards: list[dict], expected: int) -> dict[str, Any]:
@@ -453,7 +461,6 @@ def aggregate(shards: list[dict], expected: int) -> dict[str, Any]:
         figures["hit_rate_l1"] = figures["hits_l1"] / total if total else 0.0
     return {
         "shards": expected,
-        "shards_answering": len(shards),
         "kinds": {k: dict(v) for k, v in kinds.items()},
         "l1": dict(l1),
         "l2": l2 or None,

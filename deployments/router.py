@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Header, Query, Response
@@ -18,6 +17,7 @@ from deployments.compute import ComputeGraph
 from deployments.downstreams import Downstreams
 from deployments.http_errors import BodySizeLimit, install_error_handlers
 from deployments.metrics import to_prometheus
+from deployments.observed import ObservedRequests, observe
 from deployments.replica import identity
 from deployments.serving import MnemeService
 from mneme import protocol as p
@@ -26,10 +26,10 @@ from mneme.config import NAMESPACE_PATTERN, MnemeConfig, parse_router_user_confi
 from mneme.errors import Forbidden
 from mneme.priority import Priority, RequestContext, parse_deadline_ms
 from mneme.shared_result import SharedResult
-from mneme.stats import LatencyBook
 
 logger = logging.getLogger(__name__)
 app = FastAPI(title="Mneme", version="0.1.0")
+app.add_middleware(ObservedRequests)
 app.add_middleware(BodySizeLimit)
 app.add_middleware(ApiKeyGate)  # outermost: 401 before the body is even counted
 install_error_handlers(app)
@@ -100,7 +100,7 @@ class Router:
                 )
         self.compute = ComputeGraph(config, self.downstreams, self.cache)
         self.service = MnemeService(config, self.compute)
-        self.latency = LatencyBook()
+        self.latency = ObservedRequests.latency
         self.health = SharedResult(self._unavailable_downstreams, HEALTH_MAX_AGE_S)
         if self.schedulers:
             self.budgets.start()
@@ -112,6 +112,7 @@ class Router:
 
     def _context(
         self,
+        route: str,
         caller: Principal | None,
         header: str | None,
         field: str | None,
@@ -119,7 +120,8 @@ class Router:
         namespace: str | None = None,
     ) -> RequestContext:
         """The request's class and deadline, once its key is found to allow its namespace
-        and class (403 otherwise, before anything is computed or changed)."""
+        and class (403 otherwise, before anything is computed or changed); from here on it
+        is recorded under `route` (`deployments/observed.py`)."""
         param = "priority" if field else "X-Priority"
         from_header = Priority.parse(header, param="X-Priority") if header else None
         requested = Priority.parse(field) if field else from_header  # the body's field wins
@@ -128,20 +130,13 @@ class Router:
             if namespace is not None:
                 caller.check_namespace(namespace)
             priority = caller.priority(requested, param)
-        return RequestContext(
+        ctx = RequestContext(
             priority=priority,
             deadline=parse_deadline_ms(deadline_ms),
             reveal_cache=_sees_every_namespace(caller),
         )
-
-    def _done(self, route: str, ctx: RequestContext, response: Response) -> None:
-        """Record the request's latency; say whether its result came from cache (X-Cache) and
-        how long it queued in the Router (X-Queue-Wait-Ms)."""
-        self.latency.observe((route, ctx.priority.name.lower()), time.monotonic() - ctx.received_at)
-        if ctx.reveal_cache and (tier := ctx.cache_header()) is not None:
-            response.headers["X-Cache"] = tier
-        if ctx.queue_waits:
-            response.headers["X-Queue-Wait-Ms"] = f"{sum(ctx.queue_waits) * 1000.0:.1f}"
+        observe(route, ctx)
+        return ctx
 
     # ------------------------------------------------------------------ OpenAI
     @app.get("/v1/models")
@@ -152,62 +147,54 @@ class Router:
     async def embeddings(
         self,
         req: p.EmbeddingRequest,
-        response: Response,
         caller: Caller,
         x_priority: PriorityHeader = None,
         x_deadline_ms: DeadlineHeader = None,
     ) -> p.EmbeddingResponse:
-        ctx = self._context(caller, x_priority, req.priority, x_deadline_ms)
-        out = await self.service.embeddings(req, ctx)
-        self._done("embeddings", ctx, response)
-        return out
+        ctx = self._context("embeddings", caller, x_priority, req.priority, x_deadline_ms)
+        return await self.service.embeddings(req, ctx)
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(
         self,
         req: p.ChatCompletionRequest,
-        response: Response,
         caller: Caller,
         x_priority: PriorityHeader = None,
         x_deadline_ms: DeadlineHeader = None,
     ) -> p.ChatCompletionResponse | StreamingResponse:
         namespace = req.memory.namespace if req.memory is not None else None
-        ctx = self._context(caller, x_priority, req.priority, x_deadline_ms, namespace)
+        ctx = self._context("chat", caller, x_priority, req.priority, x_deadline_ms, namespace)
         if req.stream:
             events = await self.service.chat_stream(req, ctx)
             return StreamingResponse(events, media_type="text/event-stream")
-        out = await self.service.chat(req, ctx)
-        self._done("chat", ctx, response)
-        return out
+        return await self.service.chat(req, ctx)
 
     # ----------------------------------------------------------------- memories
     @app.post("/v1/memories")
     async def add_memories(
         self,
         req: p.AddMemoriesRequest,
-        response: Response,
         caller: Caller,
         x_priority: PriorityHeader = None,
         x_deadline_ms: DeadlineHeader = None,
     ) -> p.AddMemoriesResponse:
-        ctx = self._context(caller, x_priority, req.priority, x_deadline_ms, req.namespace)
-        out = await self.service.add_memories(req, ctx)
-        self._done("memories.add", ctx, response)
-        return out
+        ctx = self._context(
+            "memories.add", caller, x_priority, req.priority, x_deadline_ms, req.namespace
+        )
+        return await self.service.add_memories(req, ctx)
 
     @app.post("/v1/memories/search")
     async def search(
         self,
         req: p.SearchRequest,
-        response: Response,
         caller: Caller,
         x_priority: PriorityHeader = None,
         x_deadline_ms: DeadlineHeader = None,
     ) -> p.SearchResponse:
-        ctx = self._context(caller, x_priority, req.priority, x_deadline_ms, req.namespace)
-        out = await self.service.search(req, ctx)
-        self._done("memories.search", ctx, response)
-        return out
+        ctx = self._context(
+            "memories.search", caller, x_priority, req.priority, x_deadline_ms, req.namespace
+        )
+        return await self.service.search(req, ctx)
 
     @app.get("/v1/memories")
     async def list_memories(
@@ -219,7 +206,7 @@ class Router:
         x_priority: PriorityHeader = None,
         x_deadline_ms: DeadlineHeader = None,
     ) -> p.MemoryList:
-        ctx = self._context(caller, x_priority, None, x_deadline_ms, namespace)
+        ctx = self._context("memories.list", caller, x_priority, None, x_deadline_ms, namespace)
         return await self.service.list_memories(namespace, limit, cursor, ctx)
 
     @app.get("/v1/memories/{memory_id}")
@@ -231,7 +218,7 @@ class Router:
         x_priority: PriorityHeader = None,
         x_deadline_ms: DeadlineHeader = None,
     ) -> p.Memory:
-        ctx = self._context(caller, x_priority, None, x_deadline_ms, namespace)
+        ctx = self._context("memories.get", caller, x_priority, None, x_deadline_ms, namespace)
         return await self.service.get_memory(namespace, memory_id, ctx)
 
     @app.delete("/v1/memories/{memory_id}")
@@ -243,37 +230,33 @@ class Router:
         x_priority: PriorityHeader = None,
         x_deadline_ms: DeadlineHeader = None,
     ) -> p.DeleteResponse:
-        ctx = self._context(caller, x_priority, None, x_deadline_ms, namespace)
+        ctx = self._context("memories.delete", caller, x_priority, None, x_deadline_ms, namespace)
         return await self.service.delete_memory(namespace, memory_id, ctx)
 
     @app.post("/v1/answer")
     async def answer(
         self,
         req: p.AnswerRequest,
-        response: Response,
         caller: Caller,
         x_priority: PriorityHeader = None,
         x_deadline_ms: DeadlineHeader = None,
     ) -> p.AnswerResponse:
-        ctx = self._context(caller, x_priority, req.priority, x_deadline_ms, req.namespace)
-        out = await self.service.answer(req, ctx)
-        self._done("answer", ctx, response)
-        return out
+        ctx = self._context(
+            "answer", caller, x_priority, req.priority, x_deadline_ms, req.namespace
+        )
+        return await self.service.answer(req, ctx)
 
     @app.post("/v1/cache/prewarm")
     async def prewarm(
         self,
         req: p.PrewarmRequest,
-        response: Response,
         caller: Caller,
         x_deadline_ms: DeadlineHeader = None,
     ) -> p.PrewarmResponse:
         """Embed texts ahead of need, at background priority (any valid key may; a key held
         to some namespaces is not told how many were cached already)."""
-        ctx = self._context(caller, None, Priority.BACKGROUND.name, x_deadline_ms)
-        out = await self.service.prewarm(req, ctx)
-        self._done("cache.prewarm", ctx, response)
-        return out
+        ctx = self._context("cache.prewarm", caller, None, Priority.BACKGROUND.name, x_deadline_ms)
+        return await self.service.prewarm(req, ctx)
 
     # ---------------------------------------------------------------- operations
     @app.get("/healthz")

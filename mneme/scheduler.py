@@ -337,6 +337,9 @@ class PriorityScheduler:
             self._dispatch()  # aged up at this very moment, it may just now get a slot
             if _holds_slot(waiter):
                 return waiter.future.result()  # dispatched in the instant the wait ended
+            if waiter.future.done() and not waiter.future.cancelled():
+                raise waiter.future.exception() from None  # expired by that dispatch: counted
+            self._left_unserved(waiter)
             self._forget(waiter)
             if not bounded:
                 stats.expired += 1
@@ -351,11 +354,19 @@ class PriorityScheduler:
             if _holds_slot(waiter):
                 self.release(waiter.future.result())  # just dispatched: hand the slot on
             else:
+                self._left_unserved(waiter)
                 self._forget(waiter)
             stats.cancelled += 1
             raise
         finally:
             stats.queued -= 1
+
+    def _left_unserved(self, waiter: Waiter) -> None:
+        """A waiter that leaves without a slot (timed out, expired, its client gone) waited
+        too: its wait counts in the percentiles and its response's X-Queue-Wait-Ms."""
+        waited = self.timer() - waiter.queued_at
+        self._stats[waiter.ctx.priority].queue_wait.observe(waited)
+        waiter.ctx.queue_waits.append(waited)
 
     def _forget(self, waiter: Waiter) -> None:
         if waiter in self._waiting:
@@ -419,6 +430,7 @@ class PriorityScheduler:
             self._waiting.remove(waiter)
             stats = self._stats[waiter.ctx.priority]
             if waiter.ctx.deadline is not None and waiter.ctx.deadline <= now:
+                self._left_unserved(waiter)
                 waiter.future.set_exception(
                     DeadlineExceeded(f"deadline passed while queued for {self.name}")
                 )

@@ -15,16 +15,19 @@ class LatencyWindow:
     def __init__(self, size: int = 10_000):
         self._values: deque[float] = deque(maxlen=size)
         self.count = 0
+        self.total_s = 0.0  # over every observation, not only the window's
 
     def observe(self, seconds: float) -> None:
         self._values.append(seconds)
         self.count += 1
+        self.total_s += seconds
 
     def summary(self) -> dict[str, float]:
-        if not self._values:
-            return {"count": self.count}
-        p50, p95, p99 = np.percentile(np.fromiter(self._values, float), [50, 95, 99]) * 1000.0
-        return {"count": self.count, "p50_ms": p50, "p95_ms": p95, "p99_ms": p99}
+        out = {"count": self.count, "sum_ms": self.total_s * 1000.0}
+        if self._values:
+            p50, p95, p99 = np.percentile(np.fromiter(self._values, float), [50, 95, 99]) * 1000.0
+            out |= {"p50_ms": p50, "p95_ms": p95, "p99_ms": p99}
+        return out
 
 
 class LatencyBook:

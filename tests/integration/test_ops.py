@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from cache.client import CacheClient, cache_actors, shard_actor_name
 from cache.reset import reset
@@ -21,16 +22,43 @@ def test_healthz_reports_every_downstream(http):
 
 
 def test_stats_and_metrics(http):
-    http.post("/v1/embeddings", json={"input": "stats probe"}, headers={"X-Priority": "low"})
+    low = {"X-Priority": "low"}
+    http.post("/v1/embeddings", json={"input": "stats probe"}, headers=low)
+    too_long = http.post("/v1/embeddings", json={"input": "x" * 9000}, headers=low)
+    assert too_long.status_code == 400
     stats = http.get("/v1/stats").json()
-    assert stats["router"]["latency"]["embeddings/low"]["count"] >= 1
+    latency = stats["router"]["latency"]
+    assert latency["embeddings/low/2xx"]["count"] >= 1
+    assert latency["embeddings/low/4xx"]["count"] >= 1  # errors count too
     assert stats["vector_search"]["max_batch_size"] == 64
     assert stats["generator"]["model"] == "mneme-tiny-llama"
     # on CPU the model runs inside vLLM's engine-core process (vLLM would swap in "mp")
     assert stats["generator"]["executor"] == "uni"
     metrics = http.get("/metrics").text
-    assert 'mneme_requests_total{route="embeddings",priority="low"}' in metrics
-    assert 'mneme_batches{deployment="embedder"}' in metrics
+    families = {f.name: f for f in text_string_to_metric_families(metrics)}  # valid format
+    assert families["mneme_request_latency_ms"].type == "summary"
+    requests = [
+        s
+        for s in families["mneme_request_latency_ms"].samples
+        if s.name.endswith("_count") and s.labels["route"] == "embeddings"
+    ]
+    assert {s.labels["status"] for s in requests} >= {"2xx", "4xx"}
+    assert all(s.labels["replica"] == stats["router"]["replica"] for s in requests)
+    batches = families["mneme_batches"]  # the family of mneme_batches_total
+    assert batches.type == "counter"
+    assert any(s.labels["deployment"] == "embedder" for s in batches.samples)
+
+
+def test_every_response_that_queued_says_so_errors_and_streams_included(http):
+    """X-Queue-Wait-Ms was set only on the answers an endpoint returned itself."""
+    listed = http.get("/v1/memories", params={"namespace": "ops-headers"})
+    missing = http.get("/v1/memories/nothing-here", params={"namespace": "ops-headers"})
+    assert missing.status_code == 404
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "stream": True}
+    with http.stream("POST", "/v1/chat/completions", json=chat) as streamed:
+        streamed.read()
+    for r in (listed, missing, streamed):
+        assert float(r.headers["x-queue-wait-ms"]) >= 0.0, r.headers
 
 
 def test_a_full_downstream_is_503_with_retry_after_never_500(served):

@@ -287,6 +287,32 @@ def test_a_request_never_waits_past_the_queue_wait_bound():
     assert stats["classes"]["low"]["expired"] == 1
 
 
+def test_a_wait_that_ends_without_a_slot_is_recorded_too():
+    """Under overload the requests refused after queueing waited longest: their waits are
+    in the percentiles and on their responses (X-Queue-Wait-Ms), not only the served ones'."""
+
+    async def go():
+        scheduler = PriorityScheduler("gen", 1, max_queue_wait_s=0.05)
+        await scheduler.acquire(ctx(Priority.NORMAL))  # holds the only slot
+        refused = ctx(Priority.BACKGROUND)
+        with pytest.raises(Overloaded):
+            await scheduler.acquire(refused)
+        expired = ctx(Priority.LOW, deadline=time.monotonic() + 0.02)
+        with pytest.raises(DeadlineExceeded):
+            await scheduler.acquire(expired)
+        gone = ctx(Priority.HIGH)
+        leaving = asyncio.ensure_future(scheduler.acquire(gone))
+        await asyncio.sleep(0.01)
+        leaving.cancel()  # its client disconnected
+        await asyncio.gather(leaving, return_exceptions=True)
+        return [r.queue_waits for r in (refused, expired, gone)], scheduler.stats()["classes"]
+
+    waits, classes = asyncio.run(go())
+    assert 0.04 < waits[0][0] < 1.0 and 0.01 < waits[1][0] < 1.0 and 0.005 < waits[2][0] < 1.0
+    for cls in ("background", "low", "high"):
+        assert classes[cls]["queue_wait"]["count"] == 1 and classes[cls]["dispatched"] == 0
+
+
 async def one_reserved_slot_left(
     threshold_s: float, boost_s: float, holders: Priority
 ) -> PriorityScheduler:
