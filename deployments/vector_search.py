@@ -94,9 +94,11 @@ class VectorSearch:
 
     async def check_health(self) -> None:
         """Unhealthy (Serve restarts the replica) when the log cannot be read or applied.
-        Writes another replica logs meanwhile are no failure: the next call applies them."""
+        Writes another replica logs meanwhile are no failure: the next call applies them.
+        Indexes rebuilt in the background since are swapped in, traffic or not."""
         if isinstance(self._store, DurableStore):
             self._store.catch_up()
+        self._store.finish_rebuilds()
 
     async def stats(self) -> dict:
         return {

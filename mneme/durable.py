@@ -352,6 +352,9 @@ class DurableStore:
         self.catch_up()
         return self.store.search_many(groups)
 
+    def finish_rebuilds(self) -> None:
+        self.store.finish_rebuilds()
+
     def stats(self) -> dict[str, Any]:
         return {
             **self.store.stats(),

@@ -10,6 +10,7 @@ import bisect
 import dataclasses
 import logging
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import faiss
@@ -23,6 +24,9 @@ logger = logging.getLogger(__name__)
 # A filtered search of an approximate index that allows at most this many memories scores
 # them all (exactly), which costs less than a beam wide enough to meet k of them.
 EXACT_FILTER_MAX = 16_384
+
+# Rebuilds run here, one at a time, beside the replica's event loop (FAISS releases the GIL).
+_BUILDER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mneme-index-build")
 
 # One search of a batch: (namespace, query rows, top_k, metadata filter or None).
 SearchGroup = tuple[str, np.ndarray, int, dict[str, Any] | None]
@@ -87,12 +91,33 @@ def new_faiss_index(dim: int, kind: str, config: IndexConfig, size: int = 0) -> 
     return faiss.IndexIDMap2(inner)
 
 
+def build_index(dim: int, kind: str, config: IndexConfig, vectors, labels) -> faiss.Index:
+    """A fresh index of `kind` holding `vectors` under `labels` (touches nothing shared)."""
+    index = new_faiss_index(dim, kind, config, len(labels))
+    if kind == "ivf":
+        index.train(vectors)
+    index.add_with_ids(vectors, labels)
+    return index
+
+
+@dataclasses.dataclass
+class _Rebuild:
+    """A rebuild in progress: what the new index will hold, and what died since."""
+
+    kind: str
+    index: Future  # of the new faiss.Index
+    labels: set[int]  # the live labels it was started with
+    removed: set[int] = dataclasses.field(default_factory=set)  # of those, removed since
+
+
 class NamespaceIndex:
     """Memories of one namespace: FAISS vectors keyed by a private int label (`seq`).
 
     Flat (exact) until `config.min_size` memories when `config.kind` is hnsw or ivf, then
     rebuilt as that kind. HNSW cannot remove vectors, so its deletes are tombstones that
     searches skip, until they pass `rebuild_tombstone_share` and the index is rebuilt.
+    A rebuild runs in a thread while the old index serves; the next call after it ends
+    brings it up to date (the writes made meanwhile) and swaps it in.
     """
 
     def __init__(self, namespace: str, dim: int, config: IndexConfig | None = None):
@@ -108,6 +133,7 @@ class NamespaceIndex:
         self._tombstones: set[int] = set()  # labels still in the index of no live memory
         self._next_seq = 0
         self._mirror = self._new_mirror()
+        self._rebuilding: _Rebuild | None = None
 
     def _new_mirror(self):
         """The torch copy of a flat index that searches run on (config.flat_device), or None."""
@@ -167,9 +193,11 @@ class NamespaceIndex:
         removal that fails (out of memory) leaves tombstones too, tried again with the next
         one: the write that killed them has happened and is not undone."""
         self._tombstones.update(labels)
+        if self._rebuilding is not None:
+            self._rebuilding.removed.update(set(labels) & self._rebuilding.labels)
         if self.kind == "hnsw":
             if len(self._tombstones) > self.config.rebuild_tombstone_share * self._index.ntotal:
-                self._rebuild_or_keep(self.kind)
+                self._start_rebuild(self.kind)
             return
         dead = np.asarray(sorted(self._tombstones), dtype=np.int64)
         try:
@@ -189,20 +217,40 @@ class NamespaceIndex:
             return np.zeros((0, self.dim), dtype=np.float32), labels
         return self._index.reconstruct_batch(labels).astype(np.float32), labels  # one call
 
-    def _rebuild_or_keep(self, kind: str) -> None:
-        """A fresh index of `kind` over the live vectors (same labels: nothing drifts). If it
-        fails (out of memory) the index stays as it was, and the next write tries again."""
+    def _start_rebuild(self, kind: str) -> None:
+        """A fresh index of `kind` over the live vectors (same labels: nothing drifts), built
+        in a thread. At 1M memories HNSW takes minutes: on the event loop it would hold up
+        every call of the replica, past Serve's health check."""
+        if self._rebuilding is not None:
+            return
+        vectors, labels = self._live_vectors()
+        build = _BUILDER.submit(build_index, self.dim, kind, self.config, vectors, labels)
+        self._rebuilding = _Rebuild(kind, build, set(labels.tolist()))
+
+    def finish_rebuild(self, wait: bool = False) -> None:
+        """Swaps in a rebuilt index once built, with what was written meanwhile. A build
+        that failed (out of memory) leaves the index as it was; the next write tries again."""
+        rebuild = self._rebuilding
+        if rebuild is None or not (wait or rebuild.index.done()):
+            return
+        self._rebuilding = None
         try:
-            vectors, labels = self._live_vectors()
-            index = new_faiss_index(self.dim, kind, self.config, len(labels))
-            if kind == "ivf":
-                index.train(vectors)
-            index.add_with_ids(vectors, labels)
+            index = rebuild.index.result()
+            added = np.asarray(sorted(set(self._by_seq) - rebuild.labels), dtype=np.int64)
+            if len(added):
+                index.add_with_ids(self._index.reconstruct_batch(added), added)
         except Exception:
-            logger.exception("namespace %r: rebuilding as %s failed", self.namespace, kind)
+            logger.exception("namespace %r: rebuilding as %s failed", self.namespace, rebuild.kind)
             return
         # an approximate kind: the torch mirror only ever serves flat namespaces
-        self._index, self.kind, self._tombstones, self._mirror = index, kind, set(), None
+        self._index, self.kind, self._tombstones, self._mirror = index, rebuild.kind, set(), None
+        if rebuild.removed:
+            self._remove(sorted(rebuild.removed))
+
+    def settle(self) -> None:
+        """Waits for a rebuild in progress and swaps it in (tests, benchmarks, snapshots
+        that should hold the new index)."""
+        self.finish_rebuild(wait=True)
 
     def _add_vectors(self, vectors: np.ndarray, seqs: np.ndarray) -> None:
         """Into FAISS and the mirror, or neither."""
@@ -220,6 +268,7 @@ class NamespaceIndex:
         and keeps its place in the listing. The new vectors go in first: if that fails (out of
         memory), nothing changed, and the write can be applied again. What may fail after it
         (removing replaced vectors, a rebuild as `kind`) is tried again later."""
+        self.finish_rebuild()
         vectors = np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(items), self.dim)
         seqs = np.arange(self._next_seq, self._next_seq + len(items), dtype=np.int64)
         self._add_vectors(vectors, seqs)
@@ -239,10 +288,11 @@ class NamespaceIndex:
             self._remove(replaced)
         if self.kind == "flat" and self.config.kind != "flat":
             if len(self._by_seq) >= self.config.min_size:
-                self._rebuild_or_keep(self.config.kind)
+                self._start_rebuild(self.config.kind)
         return [item.id for item in items]
 
     def delete(self, memory_id: str) -> bool:
+        self.finish_rebuild()
         stored = self._by_id.pop(memory_id, None)
         if stored is None:
             return False
@@ -288,6 +338,7 @@ class NamespaceIndex:
         self, queries: np.ndarray, top_k: int, flt: dict[str, Any] | None = None
     ) -> list[list[SearchHit]]:
         """Top-k for each row of `queries`: one FAISS (or torch) call for the whole batch."""
+        self.finish_rebuild()
         queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
         k = min(top_k, len(self._by_seq))
         allowed = None
@@ -404,7 +455,13 @@ class MemoryStore:
         """`search` for each (namespace, queries, top_k, filter) group, in order."""
         return [self.search(*group) for group in groups]
 
+    def finish_rebuilds(self) -> None:
+        """Swaps in the indexes rebuilt since (each namespace's next call would)."""
+        for index in self._namespaces.values():
+            index.finish_rebuild()
+
     def stats(self) -> dict[str, Any]:
+        self.finish_rebuilds()
         kinds: dict[str, int] = {}
         for index in self._namespaces.values():
             kinds[index.kind] = kinds.get(index.kind, 0) + 1

@@ -143,9 +143,11 @@ def test_a_namespace_becomes_approximate_at_its_size_threshold_and_keeps_its_ids
     index.upsert([NewMemory(f"m{i}", f"t{i}") for i in range(199)], vectors[:199])
     assert index.kind == "flat"
     index.upsert([NewMemory(f"m{i}", f"t{i}") for i in range(199, 400)], vectors[199:])
+    index.settle()  # the rebuild runs in a thread
     assert index.kind == kind
     for i in range(0, 100):  # past the tombstone share: HNSW rebuilds, IVF removes
         assert index.delete(f"m{i}")
+    index.settle()
     assert index._index.ntotal < 400 or kind == "hnsw" and index._tombstones
     hits = index.search(vectors[:150], 1)
     assert all(row[0].id not in {f"m{i}" for i in range(100)} for row in hits)
@@ -267,10 +269,12 @@ def test_a_failed_rebuild_keeps_the_index_and_the_write():
     index_module.new_faiss_index = fake_new_index_out_of_memory
     try:
         index.upsert([NewMemory("m19", "t")], vectors[19:20])  # reaches min_size
+        index.settle()
     finally:
         index_module.new_faiss_index = real_new_index
     assert index.kind == "flat" and index.get("m19") is not None
     index.upsert([NewMemory("m20", "t")], vectors[20:])  # tried again
+    index.settle()
     assert index.kind == "hnsw" and len(index) == 21
 
 
@@ -324,6 +328,7 @@ def test_a_selective_filter_on_an_approximate_index_finds_top_k(kind):
     groups = [{"g": "rare" if i % 500 == 0 else ("some" if i % 20 == 0 else "x")} for i in range(n)]
     vectors = unit(rng, n)
     index.upsert([NewMemory(f"m{i}", "t", groups[i]) for i in range(n)], vectors)
+    index.settle()
     assert index.kind == kind
     model = {f"m{i}": (vectors[i], groups[i]) for i in range(n)}
     queries = unit(rng, 8)
@@ -338,3 +343,52 @@ def test_a_selective_filter_on_an_approximate_index_finds_top_k(kind):
         index_module.EXACT_FILTER_MAX = original
     assert [len(hits) for hits in some] == [10] * len(queries)
     assert all(h.metadata == {"g": "some"} for hits in some for h in hits)
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_writes_made_while_a_rebuild_runs_are_in_the_index_it_swaps_in(kind):
+    """The rebuild runs in a thread while the old index serves: the adds, replaces and
+    deletes made meanwhile must all hold in the index swapped in."""
+    import threading
+
+    rng = np.random.default_rng(16)
+    config = IndexConfig(kind=kind, min_size=300)
+    index = NamespaceIndex("a", DIM, config)
+    vectors = unit(rng, 400)
+    model = {}
+
+    def add(ids, rows):
+        index.upsert([NewMemory(f"m{i}", "t") for i in ids], vectors[rows])
+        model.update({f"m{i}": (vectors[r], {}) for i, r in zip(ids, rows, strict=True)})
+
+    add(range(299), range(299))
+    gate, real_build = threading.Event(), index_module.build_index
+
+    def build_held_until_the_gate_opens(*args):  # timing only: the build itself is real
+        gate.wait(10)
+        return real_build(*args)
+
+    index_module.build_index = build_held_until_the_gate_opens
+    try:
+        add([299], [299])  # reaches min_size: the rebuild starts, held
+        add(range(300, 350), range(300, 350))  # meanwhile: new memories,
+        add([5, 6], [350, 351])  # replaced ones,
+        for i in (7, 8, 310):  # and deleted ones, old and new
+            index.delete(f"m{i}")
+            del model[f"m{i}"]
+        assert index.kind == "flat"  # the old index serves meanwhile
+        gate.set()
+        index.settle()
+    finally:
+        index_module.build_index = real_build
+    assert index.kind == kind and len(index) == len(model) == 347
+    live = index._index.ntotal - len(index._tombstones)
+    assert live == 347
+    queries = vectors[[5, 7, 310, 320, 350]]
+    found = [[h.id for h in row] for row in index.search(queries, 3)]
+    assert found[3][0] == "m320" and found[4][0] == "m5"  # a new memory, a replaced one
+    assert found[0][0] != "m5"  # its old vector is gone
+    dead = {"m7", "m8", "m310"}
+    assert not dead & {hit for row in found for hit in row}
+    restored = NamespaceIndex.from_state(index.state(), config)
+    assert restored.kind == kind and len(restored) == 347
