@@ -48,12 +48,15 @@ $(INSTALLED): pyproject.toml
 $(MODEL_DIR)/config.json: $(INSTALLED) mneme/tiny_llama.py
 	$(BIN)/python -m mneme.tiny_llama --out $(MODEL_DIR)
 
+# The config is checked here first (its model folders too), and its request-body limit given
+# to Serve's HTTP proxy, which enforces it without seeing the app's args.
 run: install
-	$(BIN)/python -m graphs.validate $(CONFIG)
 	$(if $(filter 1,$(DIRECT_INGRESS)),@echo "direct ingress: the Router answers on http://127.0.0.1:$(DIRECT_PORT)")
 	$(if $(filter 1,$(HAPROXY)),@echo "HAProxy ingress on the proxy port: it forwards to the Router on $(DIRECT_PORT)")
 	$(BIN)/python -m graphs.haproxy_orphans  # stops an HAProxy a killed run left on a port
-	$(SERVE_ENV) $(if $(filter 1,$(DIRECT_INGRESS) $(HAPROXY)),$(DIRECT_ENV)) \
+	limit=$$($(BIN)/python -m graphs.validate --local --print-body-limit $(CONFIG)) && \
+	MNEME_MAX_REQUEST_BODY_BYTES=$$limit $(SERVE_ENV) \
+	    $(if $(filter 1,$(DIRECT_INGRESS) $(HAPROXY)),$(DIRECT_ENV)) \
 	    $(if $(filter 1,$(HAPROXY)),$(HAPROXY_ENV)) $(BIN)/serve run $(CONFIG)
 
 test: install

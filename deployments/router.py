@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Header, Query, Response
@@ -18,6 +19,7 @@ from deployments.downstreams import Downstreams
 from deployments.http_errors import BodySizeLimit, install_error_handlers
 from deployments.metrics import to_prometheus
 from deployments.observed import ObservedRequests, observe
+from deployments.process_env import SERVE_ENV
 from deployments.replica import identity
 from deployments.serving import MnemeService
 from mneme import protocol as p
@@ -75,6 +77,14 @@ class Router:
         generator: DeploymentHandle,
     ):
         self.config = config
+        if missing := sorted(k for k, v in SERVE_ENV.items() if os.environ.get(k) != v):
+            logger.warning(
+                "Serve's processes run without Mneme's settings %s (graphs/serve_env.py): "
+                "`make run` sets them; for a `serve run` or `ray start` of your own, export "
+                "them first. Without them the proxy keeps no body limit and every handler "
+                "and handle call takes an extra thread or loop hop.",
+                missing,
+            )
         BodySizeLimit.max_bytes = config.limits.max_request_body_bytes
         ApiKeyGate.keyring = KeyRing(config.auth)
         app_name = serve.get_replica_context().app_name

@@ -12,17 +12,7 @@ import contextlib
 import os
 from collections.abc import Iterator, MutableMapping
 
-SERVE_ENV = {
-    # the request-body limit, enforced by Serve's HTTP proxy itself (deployments/http_errors.py)
-    "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "deployments.http_errors:proxy_middlewares",
-    # Two of the settings RAY_SERVE_THROUGHPUT_OPTIMIZED makes; each saves a thread or loop
-    # hop per downstream call. Its direct ingress is opt-in here (README "Direct ingress"), and
-    # its gRPC calls between replicas are left out: in a worker-kill test they answered 2 adds
-    # with a bare ValueError instead of a replica-unavailable error (README).
-    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",  # handlers on the replica's own loop
-    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",  # a handle's request router on the caller's
-}
-
+from deployments.process_env import SERVE_ENV  # noqa: F401  (the Router reads it too)
 
 # Ray Serve's direct ingress (`DIRECT_INGRESS=1 make run`): each ingress replica serves HTTP
 # itself, on a port from a range (`direct_ingress_env`). Experimental in Ray 2.60; opt-in.

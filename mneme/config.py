@@ -428,16 +428,22 @@ class MnemeConfig(StrictModel):
     )
 
 
+def field_errors(exc: ValidationError, prefix: str) -> str:
+    """One `prefix.field: what is wrong` line per error, without the input values (pydantic's
+    own message quotes them, and a config may hold API keys)."""
+    lines = []
+    for err in exc.errors(include_input=False):
+        where = ".".join(str(part) for part in err["loc"])
+        lines.append(f"  {prefix}.{where}: {err['msg']}" if where else f"  {prefix}: {err['msg']}")
+    return "\n".join(lines)
+
+
 def load_config(args: dict[str, Any] | None) -> MnemeConfig:
     """Validate the YAML args; raise a ValueError whose message names each bad field."""
     try:
         return MnemeConfig.model_validate(args or {})
     except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            where = ".".join(str(part) for part in err["loc"]) or "<args>"
-            lines.append(f"  args.{where}: {err['msg']}")
-        raise ValueError("invalid Mneme config:\n" + "\n".join(lines)) from None
+        raise ValueError("invalid Mneme config:\n" + field_errors(exc, "args")) from None
 
 
 def parse_batch_config(user_config: dict[str, Any] | None, default: BatchConfig) -> BatchConfig:
@@ -470,7 +476,7 @@ def parse_router_user_config(user_config: dict[str, Any] | None, default: AuthCo
         current = {name: getattr(default, name) for name in AuthConfig.model_fields}
         merged = AuthConfig.model_validate({**current, **given})
     except ValidationError as exc:
-        message = f"invalid Router user_config.auth: {exc}"
+        message = "invalid Router user_config.auth:\n" + field_errors(exc, "user_config.auth")
         raise InvalidRequest(message, param="user_config") from None
     if default.keys and not merged.keys and not disable:
         raise InvalidRequest(

@@ -101,6 +101,27 @@ def test_the_key_never_shows_in_the_config():
     assert ADMIN not in repr(config) and ADMIN not in config.model_dump_json()
 
 
+@pytest.mark.parametrize(
+    "keys",
+    [
+        [{"key": ADMIN}],  # name forgotten
+        [{"name": "a", "key": ADMIN, "key_env": "X"}],
+        [{"name": "a", "key": ADMIN}, {"name": "a", "key": ADMIN[::-1]}],
+    ],
+    ids=["no-name", "key-and-key_env", "same-name"],
+)
+def test_a_refused_key_config_never_quotes_the_key(keys):
+    """pydantic's message quotes the input it refused: a rotation's mistake would print the
+    key into the replica's and the controller's logs."""
+    with pytest.raises(InvalidRequest) as rotation:
+        parse_router_user_config({"auth": {"keys": keys}}, AuthConfig())
+    with pytest.raises(ValueError) as build:
+        load_config({"auth": {"keys": keys}})
+    for message in (rotation.value.message, str(build.value)):
+        assert "user_config.auth.keys" in message or "args.auth.keys" in message
+        assert ADMIN[4:20] not in message and ADMIN[::-1][4:20] not in message
+
+
 def test_router_user_config_replaces_the_args_keys():
     default = AuthConfig()
     assert parse_router_user_config(None, default) is default

@@ -216,8 +216,33 @@ def test_make_run_exports_the_serve_environment(ingress):
     subprocess.run(["sh", "-n"], input=printed, text=True, check=True)  # valid shell
     printed = printed.replace("\\\n", " ")
     [line] = [line for line in printed.splitlines() if "/serve run" in line]
-    env = dict(word.split("=", 1) for word in line.split() if "=" in word)
-    assert env == SERVE_ENV | expected
+    checked, command = line.split("&&")  # the config is checked first, its limit read
+    assert "graphs.validate --local --print-body-limit configs/local.yaml" in checked
+    env = dict(word.split("=", 1) for word in command.split() if "=" in word)
+    assert env == SERVE_ENV | expected | {"MNEME_MAX_REQUEST_BODY_BYTES": "$limit"}
+
+
+def test_validate_prints_the_body_limit_the_proxy_needs_and_checks_local_models(tmp_path, capsys):
+    def change(app, by_name):
+        set_in(app, "args.limits.max_request_body_bytes", 16 * 2**20)
+
+    bigger = tmp_path / "bigger.yaml"
+    bigger.write_text(yaml.safe_dump(local_yaml_changed(change)))
+    assert validate_main(["--local", "--print-body-limit", str(bigger)]) == 0
+    assert capsys.readouterr().out.strip() == str(16 * 2**20)  # stdout: the number alone
+
+    def elsewhere(app, by_name):
+        set_in(app, "args.generator.model_path", str(tmp_path / "no-model"))
+
+    moved = tmp_path / "moved.yaml"
+    moved.write_text(yaml.safe_dump(local_yaml_changed(elsewhere)))
+    assert validate_file(moved) == []  # for a cluster the folder is on its nodes
+    [error] = validate_file(moved, local=True)
+    assert "generator.model_path" in error and "config.json" in error
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump({"applications": [{"name": "x", "import_path": "a.b:c"}]}))
+    [error] = validate_file(other)
+    assert "no Mneme application" in error
 
 
 def test_only_ray_pods_may_reach_the_kuberay_redis():
