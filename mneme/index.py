@@ -9,6 +9,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import logging
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -27,6 +28,10 @@ EXACT_FILTER_MAX = 16_384
 
 # Rebuilds run here, one at a time, beside the replica's event loop (FAISS releases the GIL).
 _BUILDER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mneme-index-build")
+# The writes made while an index is rebuilt are added to it in the builder thread, in rounds,
+# until at most this many are left: those are added on the event loop, at the swap.
+SWAP_CATCH_UP_MAX = 64
+REBUILD_RETRY_S = 60.0  # after a rebuild failed (out of memory), before the next one starts
 
 # One search of a batch: (namespace, query rows, top_k, metadata filter or None).
 SearchGroup = tuple[str, np.ndarray, int, dict[str, Any] | None]
@@ -100,14 +105,22 @@ def build_index(dim: int, kind: str, config: IndexConfig, vectors, labels) -> fa
     return index
 
 
+def caught_up(index: faiss.Index, writes: list[tuple[np.ndarray, np.ndarray]]) -> faiss.Index:
+    """`index` with the (vectors, labels) written since it was started added."""
+    for vectors, labels in writes:
+        index.add_with_ids(vectors, labels)
+    return index
+
+
 @dataclasses.dataclass
 class _Rebuild:
-    """A rebuild in progress: what the new index will hold, and what died since."""
+    """A rebuild in progress: the new index (built, or caught up, in the builder thread),
+    the writes it still lacks, and the labels that died since it began."""
 
     kind: str
     index: Future  # of the new faiss.Index
-    labels: set[int]  # the live labels it was started with
-    removed: set[int] = dataclasses.field(default_factory=set)  # of those, removed since
+    written: list[tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=list)
+    removed: set[int] = dataclasses.field(default_factory=set)
 
 
 class NamespaceIndex:
@@ -134,6 +147,7 @@ class NamespaceIndex:
         self._next_seq = 0
         self._mirror = self._new_mirror()
         self._rebuilding: _Rebuild | None = None
+        self._next_rebuild_at = 0.0  # monotonic time; later after a failed one
 
     def _new_mirror(self):
         """The torch copy of a flat index that searches run on (config.flat_device), or None."""
@@ -194,7 +208,7 @@ class NamespaceIndex:
         one: the write that killed them has happened and is not undone."""
         self._tombstones.update(labels)
         if self._rebuilding is not None:
-            self._rebuilding.removed.update(set(labels) & self._rebuilding.labels)
+            self._rebuilding.removed.update(labels)
         if self.kind == "hnsw":
             if len(self._tombstones) > self.config.rebuild_tombstone_share * self._index.ntotal:
                 self._start_rebuild(self.kind)
@@ -202,14 +216,18 @@ class NamespaceIndex:
         dead = np.asarray(sorted(self._tombstones), dtype=np.int64)
         try:
             self._index.remove_ids(dead)
-            if self._mirror is not None:
-                self._mirror.remove(dead)
         except Exception:
             # the mirror holds no tombstones: FAISS (which skips them) searches from now on
             logger.exception("namespace %r: %d dead vectors kept", self.namespace, len(dead))
             self._mirror = None
             return
         self._tombstones.clear()
+        if self._mirror is not None:
+            try:
+                self._mirror.remove(dead)
+            except Exception:  # FAISS searches from now on, until the replica restarts
+                logger.exception("namespace %r: the torch mirror is dropped", self.namespace)
+                self._mirror = None
 
     def _live_vectors(self) -> tuple[np.ndarray, np.ndarray]:
         labels = np.asarray(sorted(self._by_seq), dtype=np.int64)
@@ -221,31 +239,38 @@ class NamespaceIndex:
         """A fresh index of `kind` over the live vectors (same labels: nothing drifts), built
         in a thread. At 1M memories HNSW takes minutes: on the event loop it would hold up
         every call of the replica, past Serve's health check."""
-        if self._rebuilding is not None:
+        if self._rebuilding is not None or time.monotonic() < self._next_rebuild_at:
             return
         vectors, labels = self._live_vectors()
         build = _BUILDER.submit(build_index, self.dim, kind, self.config, vectors, labels)
-        self._rebuilding = _Rebuild(kind, build, set(labels.tolist()))
+        self._rebuilding = _Rebuild(kind, build)
 
     def finish_rebuild(self, wait: bool = False) -> None:
-        """Swaps in a rebuilt index once built, with what was written meanwhile. A build
-        that failed (out of memory) leaves the index as it was; the next write tries again."""
+        """Swaps in a rebuilt index once built and caught up with what was written meanwhile
+        (in rounds in the builder thread, the last few on the loop). A rebuild that failed
+        (out of memory) leaves the index as it was, tried again `REBUILD_RETRY_S` later."""
         rebuild = self._rebuilding
-        if rebuild is None or not (wait or rebuild.index.done()):
+        while rebuild is not None and (wait or rebuild.index.done()):
+            try:
+                index = rebuild.index.result()
+                written, rebuild.written = rebuild.written, []
+                if sum(len(labels) for _, labels in written) > SWAP_CATCH_UP_MAX:
+                    rebuild.index = _BUILDER.submit(caught_up, index, written)
+                    continue
+                caught_up(index, written)
+            except Exception:
+                logger.exception(
+                    "namespace %r: rebuilding as %s failed", self.namespace, rebuild.kind
+                )
+                self._rebuilding, self._next_rebuild_at = None, time.monotonic() + REBUILD_RETRY_S
+                return
+            self._rebuilding = None
+            # an approximate kind: the torch mirror only ever serves flat namespaces
+            self._index, self.kind, self._tombstones = index, rebuild.kind, set()
+            self._mirror = None
+            if rebuild.removed:
+                self._remove(sorted(rebuild.removed))
             return
-        self._rebuilding = None
-        try:
-            index = rebuild.index.result()
-            added = np.asarray(sorted(set(self._by_seq) - rebuild.labels), dtype=np.int64)
-            if len(added):
-                index.add_with_ids(self._index.reconstruct_batch(added), added)
-        except Exception:
-            logger.exception("namespace %r: rebuilding as %s failed", self.namespace, rebuild.kind)
-            return
-        # an approximate kind: the torch mirror only ever serves flat namespaces
-        self._index, self.kind, self._tombstones, self._mirror = index, rebuild.kind, set(), None
-        if rebuild.removed:
-            self._remove(sorted(rebuild.removed))
 
     def settle(self) -> None:
         """Waits for a rebuild in progress and swaps it in (tests, benchmarks, snapshots
@@ -273,6 +298,8 @@ class NamespaceIndex:
         seqs = np.arange(self._next_seq, self._next_seq + len(items), dtype=np.int64)
         self._add_vectors(vectors, seqs)
         self._next_seq += len(items)
+        if self._rebuilding is not None:  # for the index being rebuilt too
+            self._rebuilding.written.append((vectors.copy(), seqs))
         replaced = []
         for item, seq in zip(items, seqs.tolist(), strict=True):
             old = self._by_id.get(item.id)

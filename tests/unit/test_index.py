@@ -256,10 +256,27 @@ def test_a_replace_whose_old_vector_cannot_be_removed_stands_and_never_returns_i
     assert index._index.ntotal == 2 and not index._tombstones
 
 
+def test_a_mirror_that_cannot_remove_is_dropped_and_the_snapshot_still_loads():
+    """FAISS removed the vector but the torch mirror could not (out of device memory):
+    FAISS searches from then on, and no tombstone names a vector FAISS no longer holds."""
+    rng = np.random.default_rng(17)
+    config = IndexConfig(flat_device="cpu")
+    index = NamespaceIndex("a", DIM, config)
+    vectors = unit(rng, 4)
+    index.upsert([NewMemory(f"m{i}", f"t{i}") for i in range(3)], vectors[:3])
+    index._mirror = FakeIndexOutOfMemory(index._mirror, "remove")
+    index.upsert([NewMemory("m0", "replaced")], vectors[3:])
+    assert index._mirror is None and not index._tombstones
+    restored = NamespaceIndex.from_state(index.state(), config)
+    for path in (index, restored):
+        hits = path.search(vectors[:1], 3, None)[0]
+        assert sorted(h.id for h in hits) == ["m0", "m1", "m2"]
+
+
 def test_a_failed_rebuild_keeps_the_index_and_the_write():
     rng = np.random.default_rng(11)
     index = NamespaceIndex("a", DIM, IndexConfig(kind="hnsw", min_size=20))
-    vectors = unit(rng, 21)
+    vectors = unit(rng, 22)
     index.upsert([NewMemory(f"m{i}", "t") for i in range(19)], vectors[:19])
     real_new_index = index_module.new_faiss_index
 
@@ -273,9 +290,12 @@ def test_a_failed_rebuild_keeps_the_index_and_the_write():
     finally:
         index_module.new_faiss_index = real_new_index
     assert index.kind == "flat" and index.get("m19") is not None
-    index.upsert([NewMemory("m20", "t")], vectors[20:])  # tried again
+    index.upsert([NewMemory("m20", "t")], vectors[20:21])
+    assert index._rebuilding is None  # not at once: every write would copy every vector
+    index._next_rebuild_at = 0.0  # REBUILD_RETRY_S later
+    index.upsert([NewMemory("m21", "t")], vectors[21:])  # tried again
     index.settle()
-    assert index.kind == "hnsw" and len(index) == 21
+    assert index.kind == "hnsw" and len(index) == 22
 
 
 def test_paging_does_not_meet_a_replaced_memory_again():
@@ -345,16 +365,18 @@ def test_a_selective_filter_on_an_approximate_index_finds_top_k(kind):
     assert all(h.metadata == {"g": "some"} for hits in some for h in hits)
 
 
+@pytest.mark.parametrize("new", [50, 150], ids=["caught-up-at-the-swap", "in-a-round-first"])
 @pytest.mark.parametrize("kind", ["hnsw", "ivf"])
-def test_writes_made_while_a_rebuild_runs_are_in_the_index_it_swaps_in(kind):
+def test_writes_made_while_a_rebuild_runs_are_in_the_index_it_swaps_in(kind, new):
     """The rebuild runs in a thread while the old index serves: the adds, replaces and
-    deletes made meanwhile must all hold in the index swapped in."""
+    deletes made meanwhile must all hold in the index swapped in (more than
+    SWAP_CATCH_UP_MAX of them are added in the builder thread first)."""
     import threading
 
     rng = np.random.default_rng(16)
     config = IndexConfig(kind=kind, min_size=300)
     index = NamespaceIndex("a", DIM, config)
-    vectors = unit(rng, 400)
+    vectors = unit(rng, 500)
     model = {}
 
     def add(ids, rows):
@@ -371,8 +393,8 @@ def test_writes_made_while_a_rebuild_runs_are_in_the_index_it_swaps_in(kind):
     index_module.build_index = build_held_until_the_gate_opens
     try:
         add([299], [299])  # reaches min_size: the rebuild starts, held
-        add(range(300, 350), range(300, 350))  # meanwhile: new memories,
-        add([5, 6], [350, 351])  # replaced ones,
+        add(range(300, 300 + new), range(300, 300 + new))  # meanwhile: new memories,
+        add([5, 6], [450, 451])  # replaced ones,
         for i in (7, 8, 310):  # and deleted ones, old and new
             index.delete(f"m{i}")
             del model[f"m{i}"]
@@ -381,14 +403,13 @@ def test_writes_made_while_a_rebuild_runs_are_in_the_index_it_swaps_in(kind):
         index.settle()
     finally:
         index_module.build_index = real_build
-    assert index.kind == kind and len(index) == len(model) == 347
-    live = index._index.ntotal - len(index._tombstones)
-    assert live == 347
-    queries = vectors[[5, 7, 310, 320, 350]]
+    assert index.kind == kind and len(index) == len(model) == 297 + new
+    assert index._index.ntotal - len(index._tombstones) == 297 + new
+    queries = vectors[[5, 7, 310, 320, 450]]
     found = [[h.id for h in row] for row in index.search(queries, 3)]
     assert found[3][0] == "m320" and found[4][0] == "m5"  # a new memory, a replaced one
     assert found[0][0] != "m5"  # its old vector is gone
     dead = {"m7", "m8", "m310"}
     assert not dead & {hit for row in found for hit in row}
     restored = NamespaceIndex.from_state(index.state(), config)
-    assert restored.kind == kind and len(restored) == 347
+    assert restored.kind == kind and len(restored) == 297 + new
