@@ -33,6 +33,8 @@ class FakeShardHandle:
         self.bump_failures = 0  # the next bumps that fail (a shard restarting, say)
         self.bump = self._method(self._bump)
         self.settings = self._method(self._settings)
+        self.stats_delay_s = 0.0
+        self.stats = self._method(self._stats)
 
     @staticmethod
     def _method(function):
@@ -64,14 +66,19 @@ class FakeShardHandle:
     async def _settings(self):
         return self.shard.settings()
 
+    async def _stats(self):
+        await asyncio.sleep(self.stats_delay_s)
+        return self.shard.stats()
+
     async def _release(self, keys, claim=None):
         self.released += keys
         self.shard.release(keys, claim)
 
 
-def client_of(config: CacheConfig, handle: FakeShardHandle) -> CacheClient:
-    client = CacheClient.__new__(CacheClient)  # no Ray: its one shard is `handle`
-    client.config, client.shards, client._background = config, [handle], set()
+def client_of(config: CacheConfig, *handles: FakeShardHandle) -> CacheClient:
+    client = CacheClient.__new__(CacheClient)  # no Ray: its shards are `handles`
+    client.config, client.shards, client._background = config, list(handles), set()
+    client._last_shard_stats = {}
     client._rebumping = set()
     client._lookups = client._stores = None
     client.joined_misses_computed = 0
@@ -348,3 +355,23 @@ def test_settings_the_running_cache_actors_keep_are_reported():
         assert await client_of(started, handle).stale_settings() == {}
 
     asyncio.run(scenario())
+
+
+def test_the_summed_stats_keep_a_silent_shards_last_answer():
+    """A shard that does not answer the stats call in time is summed as it last answered:
+    its counters leaving the sum would read as the service's counters going backwards."""
+
+    async def scenario():
+        config = CacheConfig(actor_timeout_s=0.05)
+        handles = [FakeShardHandle(CacheShard(config, shard=i)) for i in range(2)]
+        client = client_of(config, *handles)
+        for i, handle in enumerate(handles):
+            await handle.shard.lookup([embedding_key("model", f"text {i}")])  # a miss each
+        first = await client.stats()
+        handles[1].stats_delay_s = 0.2  # busy: no answer within actor_timeout_s
+        return first, await client.stats()
+
+    first, second = asyncio.run(scenario())
+    assert first["kinds"]["embedding"]["misses"] == second["kinds"]["embedding"]["misses"] == 2
+    assert (first["shards_answering"], second["shards_answering"]) == (2, 1)
+    assert list(second["by_shard"]) == ["0"]
