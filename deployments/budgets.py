@@ -21,13 +21,8 @@ CONTROL_SLOTS = 1
 STARTUP_REFRESH_S = 0.5  # refresh period while some downstream's budget is still unknown
 
 
-def budget(per_replica: int, replicas: int, routers: int, runs_at_once: int | None = None) -> int:
-    """`runs_at_once`: what a replica's engine runs at a time (vLLM's `max_num_seqs`); more
-    would wait in its queue, out of the scheduler's sight (its order, bounds and aging)."""
-    slots = max(1, per_replica - CONTROL_SLOTS)
-    if runs_at_once:
-        slots = min(slots, runs_at_once)
-    return max(1, replicas * slots // max(1, routers))
+def budget(per_replica: int, replicas: int, routers: int) -> int:
+    return max(1, replicas * max(1, per_replica - CONTROL_SLOTS) // max(1, routers))
 
 
 def make_schedulers(config: SchedulerConfig) -> dict[str, PriorityScheduler]:
@@ -85,11 +80,10 @@ async def refresh_once(
     for key, scheduler in schedulers.items():
         if key in config.capacity:
             continue
-        reported = stats.get(key, {})
-        per_replica = reported.get("max_ongoing_requests")
+        per_replica = stats.get(key, {}).get("max_ongoing_requests")
         running = replicas.get(DEPLOYMENT_NAMES[key], 0)
         if per_replica and running:
-            budgets[key] = budget(int(per_replica), running, routers, reported.get("max_num_seqs"))
+            budgets[key] = budget(int(per_replica), running, routers)
             scheduler.set_capacity(budgets[key])
     return budgets
 

@@ -196,7 +196,6 @@ class Generator:
             **self._occupancy.summary(),
             "completion_tokens": self._completion_tokens,
             "max_ongoing_requests": max_ongoing_requests(),
-            "max_num_seqs": self._config.max_num_seqs,  # what vLLM runs at once
             **identity(),
         }
 
