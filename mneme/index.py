@@ -273,8 +273,7 @@ class NamespaceIndex:
             return
 
     def settle(self) -> None:
-        """Waits for a rebuild in progress and swaps it in (tests, benchmarks, snapshots
-        that should hold the new index)."""
+        """Waits for a rebuild in progress and swaps it in (tests, benchmarks)."""
         self.finish_rebuild(wait=True)
 
     def _add_vectors(self, vectors: np.ndarray, seqs: np.ndarray) -> None:
