@@ -44,17 +44,18 @@ def _missing_models(app: MnemeApp) -> list[str]:
     return problems
 
 
-def validate_file(path: str | Path, local: bool = False) -> list[str]:
-    """Return one message per problem (empty when the file is deployable)."""
+def _checked(path: str | Path, local: bool) -> tuple[list[MnemeApp], list[str]]:
+    """The file's Mneme applications, and one message per problem."""
     try:
         apps = _apps(path)
     except (OSError, yaml.YAMLError, ValidationError, ValueError) as exc:
-        return [f"{path}: {exc}"]
-    return [f"{path}: {p}" for app in apps for p in _missing_models(app)] if local else []
+        return [], [f"{path}: {exc}"]
+    return apps, [f"{path}: {p}" for app in apps for p in _missing_models(app)] if local else []
 
 
-def body_limit(path: str | Path) -> int:
-    return max(app.config.limits.max_request_body_bytes for app in _apps(path))
+def validate_file(path: str | Path, local: bool = False) -> list[str]:
+    """Return one message per problem (empty when the file is deployable)."""
+    return _checked(path, local)[1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,14 +64,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local", action="store_true", help="its model folders must be here")
     parser.add_argument("--print-body-limit", action="store_true")
     args = parser.parse_args(argv)
-    problems = [p for path in args.paths for p in validate_file(path, args.local)]
+    checked = [_checked(path, args.local) for path in args.paths]
+    problems = [problem for _, found in checked for problem in found]
     for problem in problems:
         print(problem, file=sys.stderr)
     if problems:
         return 1
     print(f"ok: {', '.join(args.paths)}", file=sys.stderr if args.print_body_limit else sys.stdout)
     if args.print_body_limit:
-        print(max(body_limit(path) for path in args.paths))
+        apps = [app for found, _ in checked for app in found]
+        print(max(app.config.limits.max_request_body_bytes for app in apps))
     return 0
 
 
