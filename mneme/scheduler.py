@@ -339,7 +339,7 @@ class PriorityScheduler:
                 return waiter.future.result()  # dispatched in the instant the wait ended
             if waiter.future.done() and not waiter.future.cancelled():
                 raise waiter.future.exception() from None  # expired by that dispatch: counted
-            self._left_unserved(waiter)
+            self._record_wait(waiter)
             self._forget(waiter)
             if not bounded:
                 stats.expired += 1
@@ -354,19 +354,20 @@ class PriorityScheduler:
             if _holds_slot(waiter):
                 self.release(waiter.future.result())  # just dispatched: hand the slot on
             else:
-                self._left_unserved(waiter)
+                self._record_wait(waiter)
                 self._forget(waiter)
             stats.cancelled += 1
             raise
         finally:
             stats.queued -= 1
 
-    def _left_unserved(self, waiter: Waiter) -> None:
-        """A waiter that leaves without a slot (timed out, expired, its client gone) waited
-        too: its wait counts in the percentiles and its response's X-Queue-Wait-Ms."""
-        waited = self.timer() - waiter.queued_at
+    def _record_wait(self, waiter: Waiter, now: float | None = None) -> float:
+        """A wait that ended, with a slot or without one (timed out, expired, its client
+        gone): it counts in the percentiles and in its response's X-Queue-Wait-Ms."""
+        waited = (self.timer() if now is None else now) - waiter.queued_at
         self._stats[waiter.ctx.priority].queue_wait.observe(waited)
         waiter.ctx.queue_waits.append(waited)
+        return waited
 
     def _forget(self, waiter: Waiter) -> None:
         if waiter in self._waiting:
@@ -381,9 +382,7 @@ class PriorityScheduler:
             stats.boosted += 1
         stats.dispatched += 1
         self._recent_classes.append((now, int(waiter.ctx.priority)))
-        waited = now - waiter.queued_at
-        stats.queue_wait.observe(waited)
-        waiter.ctx.queue_waits.append(waited)
+        waited = self._record_wait(waiter, now)
         preempted = None
         if waiter.preemptible and self.preempt:
             preempted = asyncio.get_running_loop().create_future()
@@ -430,7 +429,7 @@ class PriorityScheduler:
             self._waiting.remove(waiter)
             stats = self._stats[waiter.ctx.priority]
             if waiter.ctx.deadline is not None and waiter.ctx.deadline <= now:
-                self._left_unserved(waiter)
+                self._record_wait(waiter, now)
                 waiter.future.set_exception(
                     DeadlineExceeded(f"deadline passed while queued for {self.name}")
                 )
