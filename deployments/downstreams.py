@@ -23,7 +23,7 @@ from ray.serve.exceptions import (
 )
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
-from mneme.coalesce import Coalescer
+from mneme.coalesce import Coalescer, split_list
 from mneme.config import RouterConfig
 from mneme.errors import DeadlineExceeded, Overloaded, Unavailable
 from mneme.priority import RequestContext
@@ -84,24 +84,35 @@ class Downstreams:
         self.generator = generator
         self.schedulers = schedulers or {}
         self.router = router = router or RouterConfig()
-        self.embed_coalescer = (
-            Coalescer(
-                lambda texts: self.embedder.embed.remote(texts),
-                split=Embeddings.split,
-                max_in_flight=router.coalesce_max_in_flight,
-                max_items=router.coalesce_max_items,
-            )
-            if router.coalesce
-            else None
+        # Concurrent requests' embeds and searches go to their deployment as one call each.
+        self.embed_coalescer = self._coalescer(
+            lambda texts: self.embedder.embed.remote(texts), Embeddings.split
+        )
+        self.search_coalescer = self._coalescer(
+            lambda queries: self.vector_search.search_many.remote(queries)
+        )
+
+    def _coalescer(self, call, split=split_list) -> Coalescer | None:
+        if not self.router.coalesce:
+            return None
+        return Coalescer(
+            call,
+            split=split,
+            max_in_flight=self.router.coalesce_max_in_flight,
+            max_items=self.router.coalesce_max_items,
         )
 
     def follow_replicas(self, running: dict[str, int], routers: int) -> None:
-        """Merged embeds in flight: `coalesce_max_in_flight` per running Embedder replica,
-        shared among the Router replicas (autoscaling changes both)."""
-        if self.embed_coalescer is not None:
-            replicas = running.get(DEPLOYMENT_NAMES["embedder"], 1)
-            per_router = self.router.coalesce_max_in_flight * replicas // routers
-            self.embed_coalescer.max_in_flight = max(1, per_router)
+        """Merged calls in flight: `coalesce_max_in_flight` per running replica of the
+        deployment, shared among the Router replicas (autoscaling changes both)."""
+        for key, merged in (
+            ("embedder", self.embed_coalescer),
+            ("vector_search", self.search_coalescer),
+        ):
+            if merged is not None:
+                replicas = running.get(DEPLOYMENT_NAMES[key], 1)
+                per_router = self.router.coalesce_max_in_flight * replicas // routers
+                merged.max_in_flight = max(1, per_router)
 
     def _slot(
         self,
@@ -183,6 +194,16 @@ class Downstreams:
         )
 
     async def search(self, query: SearchQuery, ctx: RequestContext) -> list[SearchHit]:
+        """One VectorSearch call, merged with other requests' concurrent searches when
+        coalescing (each request still takes its own scheduler slot, as for embeds)."""
+        if self.search_coalescer is not None:
+            merged = self.search_coalescer
+            [hits] = await self._call(
+                "vector_search",
+                lambda _, lease: merged.submit([query], lease.dispatched_class),
+                ctx,
+            )
+            return hits
         return await self._call(
             "vector_search", lambda *_: self.vector_search.search.remote(query), ctx
         )

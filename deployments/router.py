@@ -284,8 +284,12 @@ class Router:
     def coalesced(self) -> dict[str, Any]:
         """What the Router merged: handle and actor calls saved."""
         out = {}
-        if self.downstreams.embed_coalescer is not None:
-            out["embed"] = self.downstreams.embed_coalescer.stats()
+        for name, merged in (
+            ("embed", self.downstreams.embed_coalescer),
+            ("search", self.downstreams.search_coalescer),
+        ):
+            if merged is not None:
+                out[name] = merged.stats()
         if self.cache is not None:
             out |= self.cache.coalesced()
         return out

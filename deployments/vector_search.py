@@ -67,6 +67,12 @@ class VectorSearch:
         with self._gate.admit():
             return await self._search_batch(query)
 
+    async def search_many(self, queries: list[SearchQuery]) -> list[list[SearchHit]]:
+        """A Router's merged searches (`router.coalesce`): one call and one FAISS search per
+        namespace and filter, with no window (the Router merged what arrived together)."""
+        with self._stats.batch(1, len(queries)):
+            return self._search_groups(queries)
+
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)
     async def _search_batch(self, queries: list[SearchQuery]) -> list[list[SearchHit]]:
         with self._stats.batch(len(queries), len(queries)):

@@ -355,8 +355,9 @@ class RouterConfig(StrictModel):
 
     coalesce: bool = Field(
         True,
-        description="Merge concurrent requests' embeds and cache lookups into one call each "
-        "(a call finding nothing in flight goes at once). False: one call per request.",
+        description="Merge concurrent requests' embeds, searches and cache lookups into one "
+        "call each (a call finding nothing in flight goes at once). False: one call per "
+        "request.",
     )
     coalesce_max_in_flight: int = Field(
         1,

@@ -1,5 +1,5 @@
-"""`@serve.batch` really batches: concurrent embeds and searches are served in batches larger
-than one."""
+"""`@serve.batch` really batches, and the Router really merges: concurrent embeds and
+searches are served in batches larger than one."""
 
 from __future__ import annotations
 
@@ -46,6 +46,40 @@ def test_concurrent_embeds_share_batches(served, http):
     assert embedder["items"] == 32 and merged["submissions"] == 32
     # the Router merged requests into fewer handle calls, and the Embedder ran fewer batches
     assert merged["calls"] < 32 and embedder["batches"] < 32
+
+
+def test_concurrent_searches_reach_vector_search_merged(served, http):
+    """The Router sends concurrent requests' searches as one VectorSearch call (`search_many`);
+    each request gets its own namespace's hits. Every (namespace, memory) pair is searched
+    once, with the memory's own text, so none is a search-cache hit and each top hit is known."""
+    run = uuid.uuid4().hex
+    pairs = [(n, m) for n in range(4) for m in range(8)]
+    for n in range(4):
+        items = [{"id": f"{n}-{m}", "text": f"memory {m} of {n}, run {run}"} for m in range(8)]
+        added = http.post("/v1/memories", json={"namespace": f"merged-{n}-{run}", "items": items})
+        assert added.status_code == 200
+
+    def top_hit(pair: tuple[int, int]) -> str:
+        n, m = pair
+        body = {"namespace": f"merged-{n}-{run}", "query": f"memory {m} of {n}, run {run}"}
+        with served.client() as c:
+            r = c.post("/v1/memories/search", json=body | {"top_k": 1})
+            assert r.status_code == 200, r.text
+            return r.json()["hits"][0]["id"]
+
+    def counts() -> tuple[dict, dict]:
+        stats = http.get("/v1/stats").json()
+        return stats["router"]["coalesced"]["search"], stats["vector_search"]
+
+    merged_before, searched_before = counts()
+    with ThreadPoolExecutor(max_workers=len(pairs)) as pool:
+        assert list(pool.map(top_hit, pairs)) == [f"{n}-{m}" for n, m in pairs]
+    merged_after, searched_after = counts()
+    submissions = merged_after["submissions"] - merged_before["submissions"]
+    calls = merged_after["calls"] - merged_before["calls"]
+    assert submissions == 32 and searched_after["items"] - searched_before["items"] == 32
+    assert calls < 32  # fewer VectorSearch calls than searches
+    assert searched_after["calls"] - searched_before["calls"] == calls
 
 
 def test_batch_size_changes_at_run_time(served, http):

@@ -8,9 +8,17 @@ import numpy as np
 
 from deployments.compute import ComputeGraph
 from deployments.downstreams import Downstreams
-from mneme.config import MnemeConfig
+from deployments.vector_search import VectorSearch
+from mneme.config import MnemeConfig, StorageConfig, VectorSearchConfig
 from mneme.priority import Priority, RequestContext
-from mneme.records import Embeddings, Generation, GenerationDelta, GenerationRequest, NewMemory
+from mneme.records import (
+    Embeddings,
+    Generation,
+    GenerationDelta,
+    GenerationRequest,
+    NewMemory,
+    SearchQuery,
+)
 from mneme.scheduler import PriorityScheduler
 from tests.clock import Clock
 
@@ -173,3 +181,47 @@ def test_a_stream_tells_vllm_the_class_it_aged_to():
 
     aged_background_call("generator", call)
     assert handle.sent[0].priority == int(Priority.HIGH)
+
+
+class InProcessHandle:
+    """A Serve handle to a deployment object in this process (no Ray here): `.m.remote(*args)`
+    runs the real method `m` as a task, as the replica would, and records its name."""
+
+    def __init__(self, target) -> None:
+        self._target = target
+        self.calls: list[str] = []
+
+    def __getattr__(self, name: str):
+        method, calls = getattr(self._target, name), self.calls
+
+        class Method:
+            @staticmethod
+            def remote(*args):
+                calls.append(name)
+                return asyncio.ensure_future(method(*args))
+
+        return Method()
+
+
+IN_MEMORY = VectorSearchConfig(storage=StorageConfig(data_dir=None))  # never the repo's .data
+
+
+def test_concurrent_searches_reach_vector_search_as_one_merged_call():
+    """Four requests search at once: the first search goes at once, the three made while it
+    ran go together as the next call, and each request still gets its own hits."""
+
+    async def scenario():
+        searcher = VectorSearch.func_or_class(IN_MEMORY)
+        vectors = np.eye(4, dtype=np.float32)
+        memories = [NewMemory(f"m{i}", f"memory {i}") for i in range(4)]
+        await searcher.upsert("ns", memories, vectors)
+        handle = InProcessHandle(searcher)
+        downstreams = Downstreams(None, handle, None)
+        found = await asyncio.gather(
+            *(downstreams.search(SearchQuery("ns", v, 1), RequestContext()) for v in vectors)
+        )
+        return [[hit.id for hit in hits] for hits in found], handle.calls
+
+    found, calls = asyncio.run(scenario())
+    assert found == [["m0"], ["m1"], ["m2"], ["m3"]]
+    assert calls == ["search_many", "search_many"]

@@ -13,6 +13,7 @@ from mneme.durable import DurableStore
 from mneme.records import NewMemory, SearchQuery
 
 DIM = 8
+IN_MEMORY = VectorSearchConfig(storage=StorageConfig(data_dir=None))  # never the repo's .data
 
 
 def replica(data_dir, redis_url: str | None = None) -> VectorSearch:
@@ -57,3 +58,35 @@ def test_the_check_fails_when_the_redis_log_cannot_be_read(tmp_path, log_redis):
     log_redis.stop()
     with pytest.raises(Exception, match="(?i)connect"):
         asyncio.run(searcher.check_health())
+
+
+def test_merged_searches_answer_each_query_as_it_would_alone():
+    """`search_many` (a Router's merged searches) groups queries by namespace and filter
+    into FAISS searches; every query still gets its own namespace's hits, its own top_k and
+    its own filter, and the call counts as one batch of all its queries."""
+    searcher = VectorSearch.func_or_class(IN_MEMORY)
+    rng = np.random.default_rng(3)
+    vectors = rng.standard_normal((6, DIM)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    for namespace in ("a", "b"):
+        items = [
+            NewMemory(f"{namespace}{i}", f"memory {i}", {"even": i % 2 == 0}) for i in range(6)
+        ]
+        asyncio.run(searcher.upsert(namespace, items, vectors))
+    queries = [
+        SearchQuery("a", vectors[0], top_k=3),
+        SearchQuery("b", vectors[1], top_k=1),
+        SearchQuery("a", vectors[2], top_k=6, filter={"even": True}),
+        SearchQuery("b", vectors[3], top_k=2),
+        SearchQuery("c", vectors[4], top_k=2),  # a namespace with nothing in it
+    ]
+    merged = asyncio.run(searcher.search_many(queries))
+    alone = [searcher._search_groups([query]) for query in queries]
+    assert merged == [hits for [hits] in alone]
+    assert [hit.id for hit in merged[0]][0] == "a0" and len(merged[0]) == 3
+    assert [hit.id for hit in merged[1]] == ["b1"]
+    assert {hit.id for hit in merged[2]} == {"a0", "a2", "a4"}  # its filter, not its group's
+    assert [hit.id for hit in merged[3]][0] == "b3" and len(merged[3]) == 2
+    assert merged[4] == []
+    stats = asyncio.run(searcher.stats())
+    assert (stats["batches"], stats["calls"], stats["items"]) == (1, 1, 5)
