@@ -81,6 +81,11 @@ def _shard_actor(config: CacheConfig, app_name: str, shard: int) -> Any:
             max_restarts=-1,
             max_task_retries=0,
             max_concurrency=10_000,
+            # Every call would report its state changes to the GCS for Ray's task listing, as
+            # Serve's own actors do not (RAY_SERVE_ENABLE_TASK_EVENTS). Measured here, an async
+            # actor answering 2-key lookups from 8 callers: 900-940 against 980-1,080 us of CPU
+            # per call over all Ray processes (3 alternations, /tmp script).
+            enable_task_events=False,
         )
         .remote(config, shard)
     )
