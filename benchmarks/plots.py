@@ -76,24 +76,41 @@ def hit_rate_over_time(results: dict[str, Any], window: int = 5):
 
 
 def batch_sizes(results: dict[str, Any]):
+    """Items (texts, queries) per model or FAISS pass, in powers of two: the Router sends
+    merged calls, so calls per batch says little. Results from before `items_per_batch`
+    show calls per batch."""
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     for ax, deployment in zip(axes, ("embedder", "vector_search"), strict=True):
+        by_items = all(
+            "items_per_batch" in g["stats"][deployment] for g in results["graphs"].values()
+        )
+        key = "items_per_batch" if by_items else "calls_per_batch"
+        buckets = sorted(
+            {int(k) for g in results["graphs"].values() for k in g["stats"][deployment][key]}
+        )
         for name, graph in results["graphs"].items():
-            counts = graph["stats"][deployment]["calls_per_batch"]
-            sizes = sorted(int(k) for k in counts)
+            counts = {int(k): v for k, v in graph["stats"][deployment][key].items()}
             total = sum(counts.values()) or 1
             ax.bar(
-                [s + (0.2 if name == "naive" else -0.2) for s in sizes],
-                [counts[str(s)] / total for s in sizes],
+                [i + (0.2 if name == "naive" else -0.2) for i in range(len(buckets))],
+                [counts.get(b, 0) / total for b in buckets],
                 width=0.4,
                 label=LABELS[name],
                 color=COLORS[name],
             )
-        ax.set(xlabel="calls per batch", ylabel="share of batches", title=deployment)
+        ax.set_xticks(range(len(buckets)), [_bucket_label(b, by_items) for b in buckets])
+        what = "items per batch" if by_items else "calls per batch"
+        ax.set(xlabel=what, ylabel="share of batches", title=deployment)
         ax.legend()
     fig.suptitle("Batch sizes over the whole run")
     fig.tight_layout()
     return fig
+
+
+def _bucket_label(top: int, powers_of_two: bool) -> str:
+    """'5-8' for the bucket whose top is 8; a calls-per-batch size as it is."""
+    low = top // 2 + 1
+    return str(top) if not powers_of_two or low >= top else f"{low}-{top}"
 
 
 def figures(results: dict[str, Any], load_index: int) -> dict[str, Any]:

@@ -105,6 +105,8 @@ def _downstream(out: Exposition, deployment: str, figures: dict[str, Any]) -> No
             out.gauge(f"mneme_{_seconds(key)}", labels, value)
     for size, count in (figures.get("calls_per_batch") or {}).items():
         out.counter("mneme_batches_by_calls", {**labels, "calls": size}, count)
+    for top, count in (figures.get("items_per_batch") or {}).items():
+        out.counter("mneme_batches_by_items", {**labels, "items_up_to": top}, count)
     for kind, count in (figures.get("index_kinds") or {}).items():
         out.gauge("mneme_index_namespaces", {**labels, "kind": kind}, count)
 

@@ -145,6 +145,9 @@ class BatchStats:
     busy_s: float = 0.0
     started: float = field(default_factory=time.monotonic)
     calls_per_batch: dict[int, int] = field(default_factory=dict)
+    # batches by items (texts, queries) in powers of two, keyed by the bucket's top: 3 and 4
+    # items count under 4. A merged call from the Router is one call of many items.
+    items_per_batch: dict[int, int] = field(default_factory=dict)
 
     @contextlib.contextmanager
     def batch(self, calls: int, items: int) -> Iterator[None]:
@@ -153,6 +156,8 @@ class BatchStats:
         self.calls += calls
         self.items += items
         self.calls_per_batch[calls] = self.calls_per_batch.get(calls, 0) + 1
+        bucket = items_bucket(items)
+        self.items_per_batch[bucket] = self.items_per_batch.get(bucket, 0) + 1
         start = time.perf_counter()
         try:
             yield
@@ -170,4 +175,10 @@ class BatchStats:
             "mean_items_per_batch": self.items / self.batches if self.batches else 0.0,
             "max_calls_per_batch": max(self.calls_per_batch, default=0),
             "calls_per_batch": dict(sorted(self.calls_per_batch.items())),
+            "items_per_batch": dict(sorted(self.items_per_batch.items())),
         }
+
+
+def items_bucket(items: int) -> int:
+    """The power of two at the top of `items`' bucket (1, 2, 4, 8, ...)."""
+    return 1 << max(items - 1, 0).bit_length()

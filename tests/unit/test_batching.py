@@ -6,6 +6,7 @@ import pytest
 
 from mneme.batching import AdaptiveWindow, BatchGate
 from mneme.config import BatchConfig, MnemeConfig
+from mneme.records import BatchStats, items_bucket
 from mneme.stats import Occupancy
 from tests.clock import Clock
 
@@ -116,3 +117,12 @@ def test_occupancy_is_time_weighted():
     assert summary["uptime_s"] == pytest.approx(10.0)
     assert summary["mean_in_flight_when_busy"] == pytest.approx(1.5)
     assert summary["in_flight"] == 0
+
+
+def test_batches_are_counted_by_items_in_powers_of_two():
+    stats = BatchStats()
+    for items in (1, 2, 3, 4, 5, 32, 33):
+        with stats.batch(1, items):
+            pass
+    assert [items_bucket(n) for n in (1, 2, 3, 4, 5, 8, 9)] == [1, 2, 4, 4, 8, 8, 16]
+    assert stats.summary()["items_per_batch"] == {1: 1, 2: 1, 4: 2, 8: 1, 32: 1, 64: 1}

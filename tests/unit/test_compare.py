@@ -29,3 +29,28 @@ def test_a_phase_that_turned_requests_away_is_not_a_graphs_capacity():
 def test_when_no_phase_served_everything_the_best_one_still_counts():
     graph = {"peak": phase(10.0, 100, 50), "open_loop": [phase(12.0, 100, 60)]}
     assert peak_qps(graph) == 12.0
+
+
+def graph_stats(items_per_batch: dict | None) -> dict:
+    figures = {"calls_per_batch": {"1": 10}}
+    if items_per_batch is not None:
+        figures["items_per_batch"] = items_per_batch
+    return {"stats": {"embedder": figures, "vector_search": figures}}
+
+
+def test_the_batch_plot_counts_items_per_pass_where_the_results_have_them():
+    """Merged calls are one call of many texts: by calls, both graphs would read as batches
+    of 1. Results from before `items_per_batch` still plot, by calls."""
+    results = {
+        "graphs": {
+            "naive": graph_stats({"1": 10}),
+            "compute_aware": graph_stats({"1": 2, "8": 5, "32": 3}),
+        }
+    }
+    ax = plots.batch_sizes(results).axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "5-8", "17-32"]
+    assert ax.get_xlabel() == "items per batch"
+    aware = [bar.get_height() for bar in ax.containers[1]]
+    assert aware == [0.2, 0.5, 0.3]
+    old = {"graphs": {"naive": graph_stats(None), "compute_aware": graph_stats(None)}}
+    assert plots.batch_sizes(old).axes[0].get_xlabel() == "calls per batch"

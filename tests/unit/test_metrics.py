@@ -33,7 +33,8 @@ def stats_document() -> dict:
         shard["kinds"]["embedding"] = KindStats(hits_l1=3 + i, misses=1).as_dict()
     cache = aggregate(shards, 2) | {"shards_answering": 2, "by_shard": dict(enumerate(shards))}
     embedder = {"batches": 3, "calls": 7, "busy_s": 0.5, "max_batch_size": 32,
-                "calls_per_batch": {1: 2, 5: 1}, "replica": 'emb"1', "adaptive": True}  # fmt: skip
+                "calls_per_batch": {1: 2, 5: 1}, "items_per_batch": {1: 1, 32: 2},
+                "replica": 'emb"1', "adaptive": True}  # fmt: skip
     return {
         "router": {
             "latency": latency.summary(),
@@ -76,6 +77,10 @@ def test_every_series_names_the_replica_or_shard_it_came_from():
     assert counts == {"2xx": 1.0, "5xx": 1.0}
     batches = families["mneme_batches"].samples
     assert [s.labels["replica"] for s in batches] == ['emb"1']  # escaped, read back whole
+    by_items = {
+        s.labels["items_up_to"]: s.value for s in families["mneme_batches_by_items"].samples
+    }
+    assert by_items == {"1": 1.0, "32": 2.0}
     assert {s.labels["shard"] for s in families["mneme_cache_lookups"].samples} == {"0", "1"}
     up = {s.labels["deployment"]: s.value for s in families["mneme_up"].samples}
     assert up == {"embedder": 1.0, "vector_search": 0.0, "generator": 1.0}
