@@ -98,7 +98,8 @@ def batch_sizes(results: dict[str, Any]):
                 label=LABELS[name],
                 color=COLORS[name],
             )
-        ax.set_xticks(range(len(buckets)), [_bucket_label(b, by_items) for b in buckets])
+        labels = [_bucket_label(b, by_items) for b in buckets]
+        ax.set_xticks(range(len(buckets)), labels, rotation=45 if len(buckets) > 6 else 0)
         what = "items per batch" if by_items else "calls per batch"
         ax.set(xlabel=what, ylabel="share of batches", title=deployment)
         ax.legend()
