@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections import defaultdict
 from typing import Any
@@ -68,10 +69,19 @@ class VectorSearch:
             return await self._search_batch(query)
 
     async def search_many(self, queries: list[SearchQuery]) -> list[list[SearchHit]]:
-        """A Router's merged searches (`router.coalesce`): one call and one FAISS search per
-        namespace and filter, with no window (the Router merged what arrived together)."""
-        with self._stats.batch(1, len(queries)):
-            return self._search_groups(queries)
+        """A Router's merged searches (`router.coalesce`), with no window (the Router merged
+        what arrived together): one FAISS search per namespace and filter, in passes of at
+        most `max_batch_size` queries, each a batch, with other calls (writes, the health
+        check) let in between them, as between `@serve.batch` batches."""
+        size = self._gate.config.max_batch_size
+        found: list[list[SearchHit]] = []
+        for start in range(0, len(queries), size):
+            if start:
+                await asyncio.sleep(0)
+            part = queries[start : start + size]
+            with self._stats.batch(1, len(part)):
+                found += self._search_groups(part)
+        return found
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)
     async def _search_batch(self, queries: list[SearchQuery]) -> list[list[SearchHit]]:

@@ -170,7 +170,9 @@ class VectorSearchConfig(StrictModel):
         description="Search calls are batched per namespace into one FAISS search. Searches "
         "run on the replica's event loop, so `adaptive` never runs a call alone: it sizes the "
         "window from the load (a lone search waits next to nothing), and the calls that "
-        "queued while a batch ran make the next one. False: every batch waits the full window.",
+        "queued while a batch ran make the next one. False: every batch waits the full window. "
+        "The window is for calls of one search each; the Router's merged calls "
+        "(`router.coalesce`) go at once, in passes of at most `max_batch_size` queries.",
     )
     storage: StorageConfig = Field(default_factory=StorageConfig)
     index: IndexConfig = Field(default_factory=IndexConfig)
@@ -366,7 +368,9 @@ class RouterConfig(StrictModel):
         description="Merged calls in flight per downstream replica; what arrives meanwhile "
         "waits and goes as the next call (so batches grow with load).",
     )
-    coalesce_max_items: int = Field(256, ge=1, description="Most texts or keys in one call.")
+    coalesce_max_items: int = Field(
+        256, ge=1, description="Most texts, queries or keys in one merged call."
+    )
 
 
 class ApiKeyConfig(StrictModel):

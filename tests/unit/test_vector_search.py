@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from deployments.vector_search import VectorSearch
-from mneme.config import StorageConfig, VectorSearchConfig
+from mneme.config import BatchConfig, StorageConfig, VectorSearchConfig
 from mneme.durable import DurableStore
 from mneme.records import NewMemory, SearchQuery
 
@@ -90,3 +90,19 @@ def test_merged_searches_answer_each_query_as_it_would_alone():
     assert merged[4] == []
     stats = asyncio.run(searcher.stats())
     assert (stats["batches"], stats["calls"], stats["items"]) == (1, 1, 5)
+
+
+def test_a_merged_call_longer_than_max_batch_size_is_searched_in_passes():
+    """The replica's `max_batch_size` still bounds one FAISS pass (and the time the event
+    loop is held), whatever the Router merged."""
+    config = IN_MEMORY.model_copy(update={"batch": BatchConfig(max_batch_size=2)})
+    searcher = VectorSearch.func_or_class(config)
+    vectors = np.eye(DIM, dtype=np.float32)[:5]
+    asyncio.run(
+        searcher.upsert("a", [NewMemory(f"m{i}", f"memory {i}") for i in range(5)], vectors)
+    )
+    found = asyncio.run(searcher.search_many([SearchQuery("a", v, top_k=1) for v in vectors]))
+    assert [hits[0].id for hits in found] == [f"m{i}" for i in range(5)]
+    stats = asyncio.run(searcher.stats())
+    assert (stats["batches"], stats["items"]) == (3, 5)
+    assert stats["items_per_batch"] == {2: 2, 1: 1}
