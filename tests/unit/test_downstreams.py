@@ -9,7 +9,8 @@ import numpy as np
 from deployments.compute import ComputeGraph
 from deployments.downstreams import Downstreams
 from deployments.vector_search import VectorSearch
-from mneme.config import MnemeConfig, StorageConfig, VectorSearchConfig
+from mneme.config import MnemeConfig, RouterConfig, StorageConfig, VectorSearchConfig
+from mneme.errors import Overloaded
 from mneme.priority import Priority, RequestContext
 from mneme.records import (
     Embeddings,
@@ -225,3 +226,41 @@ def test_concurrent_searches_reach_vector_search_as_one_merged_call():
     found, calls = asyncio.run(scenario())
     assert found == [["m0"], ["m1"], ["m2"], ["m3"]]
     assert calls == ["search_many", "search_many"]
+
+
+class FakeFullVectorSearchHandle:
+    """VectorSearch's handle when every replica is at capacity (a fault Serve gives only under
+    real overload): each merged call fails with Serve's BackPressureError."""
+
+    def __init__(self) -> None:
+        self.search_many = self
+
+    def remote(self, queries):
+        from ray.serve.exceptions import BackPressureError
+
+        failed = asyncio.get_running_loop().create_future()
+        failed.set_exception(BackPressureError(num_queued_requests=1, max_queued_requests=1))
+        return failed
+
+
+def test_a_merged_search_that_finds_vector_search_full_is_a_503_for_each_request():
+    async def scenario():
+        downstreams = Downstreams(None, FakeFullVectorSearchHandle(), None)
+        query = SearchQuery("ns", np.zeros(4, np.float32), 1)
+        return await asyncio.gather(
+            *(downstreams.search(query, RequestContext()) for _ in range(3)),
+            return_exceptions=True,
+        )
+
+    assert [type(outcome) for outcome in asyncio.run(scenario())] == [Overloaded] * 3
+
+
+def test_merged_calls_in_flight_follow_the_replicas_running():
+    """`coalesce_max_in_flight` per replica of the deployment, shared by the Routers."""
+    downstreams = Downstreams(None, None, None, router=RouterConfig(coalesce_max_in_flight=4))
+    downstreams.follow_replicas({"Embedder": 2, "VectorSearch": 3}, routers=2)
+    assert downstreams.embed_coalescer.max_in_flight == 4
+    assert downstreams.search_coalescer.max_in_flight == 6
+    downstreams.follow_replicas({}, routers=8)  # none running yet: at least one each
+    assert downstreams.embed_coalescer.max_in_flight == 1
+    assert downstreams.search_coalescer.max_in_flight == 1
