@@ -102,17 +102,25 @@ class Downstreams:
             max_items=self.router.coalesce_max_items,
         )
 
+    def _merged_calls(self) -> list[tuple[str, str, Coalescer]]:
+        """(downstream key, stats name, coalescer) of each merged call (none when off)."""
+        merged = (
+            ("embedder", "embed", self.embed_coalescer),
+            ("vector_search", "search", self.search_coalescer),
+        )
+        return [(key, name, coalescer) for key, name, coalescer in merged if coalescer is not None]
+
+    def coalesced(self) -> dict[str, dict[str, float]]:
+        """Each merged call's stats: calls made, requests' submissions and items they carried."""
+        return {name: coalescer.stats() for _, name, coalescer in self._merged_calls()}
+
     def follow_replicas(self, running: dict[str, int], routers: int) -> None:
         """Merged calls in flight: `coalesce_max_in_flight` per running replica of the
         deployment, shared among the Router replicas (autoscaling changes both)."""
-        for key, merged in (
-            ("embedder", self.embed_coalescer),
-            ("vector_search", self.search_coalescer),
-        ):
-            if merged is not None:
-                replicas = running.get(DEPLOYMENT_NAMES[key], 1)
-                per_router = self.router.coalesce_max_in_flight * replicas // routers
-                merged.max_in_flight = max(1, per_router)
+        for key, _, coalescer in self._merged_calls():
+            replicas = running.get(DEPLOYMENT_NAMES[key], 1)
+            per_router = self.router.coalesce_max_in_flight * replicas // routers
+            coalescer.max_in_flight = max(1, per_router)
 
     def _slot(
         self,

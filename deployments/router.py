@@ -283,13 +283,7 @@ class Router:
 
     def coalesced(self) -> dict[str, Any]:
         """What the Router merged: handle and actor calls saved."""
-        out = {}
-        for name, merged in (
-            ("embed", self.downstreams.embed_coalescer),
-            ("search", self.downstreams.search_coalescer),
-        ):
-            if merged is not None:
-                out[name] = merged.stats()
+        out = self.downstreams.coalesced()
         if self.cache is not None:
             out |= self.cache.coalesced()
         return out
