@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import itertools
+import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -19,6 +20,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.exceptions import (
     BackPressureError,
     DeploymentUnavailableError,
+    RayServeException,
     RequestCancelledError,
 )
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
@@ -40,6 +42,8 @@ from mneme.records import (
 )
 from mneme.scheduler import Lease, Preempted, PriorityScheduler
 
+logger = logging.getLogger("ray.serve")
+
 DEPLOYMENT_NAMES = {
     "embedder": "Embedder",
     "vector_search": "VectorSearch",
@@ -52,6 +56,13 @@ class WriteNotSent(Exception):
 
 
 _UNAVAILABLE = (ActorDiedError, ActorUnavailableError, RayActorError, DeploymentUnavailableError)
+
+
+def _method_missing(exc: BaseException, method: str) -> bool:
+    """Serve's answer to a call of a method that the replica's class lacks: a replica of an
+    earlier release, while an upgrade replaces them (read off Ray 2.60's replica)."""
+    cause = str(getattr(exc, "cause", exc))  # a RayTaskError wraps the replica's exception
+    return isinstance(exc, RayServeException) and f"method '{method}' that does not" in cause
 
 
 def _translate(exc: BaseException, name: str) -> Exception | None:
@@ -91,6 +102,7 @@ class Downstreams:
         self.search_coalescer = self._coalescer(
             lambda queries: self.vector_search.search_many.remote(queries)
         )
+        self.searches_sent_alone = 0  # merged, but answered by a replica without search_many
 
     def _coalescer(self, call, split=split_list) -> Coalescer | None:
         if not self.router.coalesce:
@@ -111,8 +123,12 @@ class Downstreams:
         return [(key, name, coalescer) for key, name, coalescer in merged if coalescer is not None]
 
     def coalesced(self) -> dict[str, dict[str, float]]:
-        """Each merged call's stats: calls made, requests' submissions and items they carried."""
-        return {name: coalescer.stats() for _, name, coalescer in self._merged_calls()}
+        """Each merged call's stats: calls made, requests' submissions and items they carried
+        (and the searches sent again alone, to a replica without `search_many`)."""
+        out = {name: coalescer.stats() for _, name, coalescer in self._merged_calls()}
+        if "search" in out:
+            out["search"]["sent_alone"] = self.searches_sent_alone
+        return out
 
     def follow_replicas(self, running: dict[str, int], routers: int) -> None:
         """Merged calls in flight: `coalesce_max_in_flight` per running replica of the
@@ -203,15 +219,28 @@ class Downstreams:
 
     async def search(self, query: SearchQuery, ctx: RequestContext) -> list[SearchHit]:
         """One VectorSearch call, merged with other requests' concurrent searches when
-        coalescing (each request still takes its own scheduler slot, as for embeds)."""
+        coalescing (each request still takes its own scheduler slot, as for embeds). A
+        merged call that reached a replica of a release before `search_many` (Serve upgrades
+        every deployment of the application at once, so a new Router may meet an old
+        VectorSearch) is sent again as this request's own `search` call."""
         if self.search_coalescer is not None:
             merged = self.search_coalescer
-            [hits] = await self._call(
-                "vector_search",
-                lambda _, lease: merged.submit([query], lease.dispatched_class),
-                ctx,
-            )
-            return hits
+            try:
+                [hits] = await self._call(
+                    "vector_search",
+                    lambda _, lease: merged.submit([query], lease.dispatched_class),
+                    ctx,
+                )
+                return hits
+            except RayServeException as exc:
+                if not _method_missing(exc, "search_many"):
+                    raise
+            if self.searches_sent_alone == 0:
+                logger.warning(
+                    "a VectorSearch replica has no search_many (an earlier release, while an "
+                    "upgrade runs?): sending such searches one call each"
+                )
+            self.searches_sent_alone += 1
         return await self._call(
             "vector_search", lambda *_: self.vector_search.search.remote(query), ctx
         )

@@ -86,7 +86,7 @@ def _router(out: Exposition, router: dict[str, Any]) -> None:
         labels = {"route": route, "priority": priority, "status": status, **replica}
         out.summary("mneme_request_latency_ms", labels, figures)
     for what, figures in router.get("coalesced", {}).items():
-        for name in ("calls", "submissions", "items"):
+        for name in ("calls", "submissions", "items", "sent_alone"):
             if name in figures:
                 out.counter(f"mneme_coalesced_{name}", {"what": what, **replica}, figures[name])
     joined = router.get("joined_misses_computed", 0)

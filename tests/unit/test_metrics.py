@@ -38,7 +38,7 @@ def stats_document() -> dict:
     return {
         "router": {
             "latency": latency.summary(),
-            "coalesced": {"embed": {"calls": 2}},
+            "coalesced": {"embed": {"calls": 2}, "search": {"calls": 1, "sent_alone": 3}},
             "joined_misses_computed": 0,
             "replica": "router-a",
         },  # fmt: skip
@@ -81,6 +81,8 @@ def test_every_series_names_the_replica_or_shard_it_came_from():
         s.labels["items_up_to"]: s.value for s in families["mneme_batches_by_items"].samples
     }
     assert by_items == {"1": 1.0, "32": 2.0}
+    alone = families["mneme_coalesced_sent_alone"].samples  # searches an old replica refused
+    assert [(s.labels["what"], s.value) for s in alone] == [("search", 3.0)]
     assert {s.labels["shard"] for s in families["mneme_cache_lookups"].samples} == {"0", "1"}
     up = {s.labels["deployment"]: s.value for s in families["mneme_up"].samples}
     assert up == {"embedder": 1.0, "vector_search": 0.0, "generator": 1.0}
