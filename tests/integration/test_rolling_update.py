@@ -13,9 +13,10 @@ from ray import serve
 
 from deployments.downstreams import Downstreams
 from deployments.vector_search import VectorSearch
-from mneme.config import RouterConfig, StorageConfig, VectorSearchConfig
+from mneme.config import RouterConfig
 from mneme.priority import RequestContext
 from mneme.records import NewMemory, SearchQuery
+from tests.configs import IN_MEMORY_SEARCH
 from tests.integration.conftest import deploy
 
 pytestmark = pytest.mark.slow
@@ -89,8 +90,7 @@ class VectorSearchBeforeSearchMany:
     application's deployments."""
 
     def __init__(self) -> None:
-        config = VectorSearchConfig(storage=StorageConfig(data_dir=None))
-        self._search = VectorSearch.func_or_class(config)
+        self._search = VectorSearch.func_or_class(IN_MEMORY_SEARCH)
 
     async def upsert(self, namespace, items, vectors):
         return await self._search.upsert(namespace, items, vectors)

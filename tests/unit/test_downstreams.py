@@ -9,7 +9,7 @@ import numpy as np
 from deployments.compute import ComputeGraph
 from deployments.downstreams import Downstreams
 from deployments.vector_search import VectorSearch
-from mneme.config import MnemeConfig, RouterConfig, StorageConfig, VectorSearchConfig
+from mneme.config import MnemeConfig, RouterConfig
 from mneme.errors import Overloaded
 from mneme.priority import Priority, RequestContext
 from mneme.records import (
@@ -22,6 +22,7 @@ from mneme.records import (
 )
 from mneme.scheduler import PriorityScheduler
 from tests.clock import Clock
+from tests.configs import IN_MEMORY_SEARCH
 
 
 class FakeGeneratorHandle:
@@ -204,15 +205,12 @@ class InProcessHandle:
         return Method()
 
 
-IN_MEMORY = VectorSearchConfig(storage=StorageConfig(data_dir=None))  # never the repo's .data
-
-
 def test_concurrent_searches_reach_vector_search_as_one_merged_call():
     """Four requests search at once: the first search goes at once, the three made while it
     ran go together as the next call, and each request still gets its own hits."""
 
     async def scenario():
-        searcher = VectorSearch.func_or_class(IN_MEMORY)
+        searcher = VectorSearch.func_or_class(IN_MEMORY_SEARCH)
         vectors = np.eye(4, dtype=np.float32)
         memories = [NewMemory(f"m{i}", f"memory {i}") for i in range(4)]
         await searcher.upsert("ns", memories, vectors)

@@ -11,9 +11,9 @@ from deployments.vector_search import VectorSearch
 from mneme.config import BatchConfig, StorageConfig, VectorSearchConfig
 from mneme.durable import DurableStore
 from mneme.records import NewMemory, SearchQuery
+from tests.configs import IN_MEMORY_SEARCH
 
 DIM = 8
-IN_MEMORY = VectorSearchConfig(storage=StorageConfig(data_dir=None))  # never the repo's .data
 
 
 def replica(data_dir, redis_url: str | None = None) -> VectorSearch:
@@ -64,7 +64,7 @@ def test_merged_searches_answer_each_query_as_it_would_alone():
     """`search_many` (a Router's merged searches) groups queries by namespace and filter
     into FAISS searches; every query still gets its own namespace's hits, its own top_k and
     its own filter, and the call counts as one batch of all its queries."""
-    searcher = VectorSearch.func_or_class(IN_MEMORY)
+    searcher = VectorSearch.func_or_class(IN_MEMORY_SEARCH)
     rng = np.random.default_rng(3)
     vectors = rng.standard_normal((6, DIM)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
@@ -95,7 +95,7 @@ def test_merged_searches_answer_each_query_as_it_would_alone():
 def test_a_merged_call_longer_than_max_batch_size_is_searched_in_passes():
     """The replica's `max_batch_size` still bounds one FAISS pass (and the time the event
     loop is held), whatever the Router merged."""
-    config = IN_MEMORY.model_copy(update={"batch": BatchConfig(max_batch_size=2)})
+    config = IN_MEMORY_SEARCH.model_copy(update={"batch": BatchConfig(max_batch_size=2)})
     searcher = VectorSearch.func_or_class(config)
     vectors = np.eye(DIM, dtype=np.float32)[:5]
     asyncio.run(
