@@ -56,6 +56,7 @@ class Generator:
             max_model_len=config.max_model_len,
             max_num_seqs=config.max_num_seqs,
             gpu_memory_utilization=config.gpu_memory_utilization,
+            kv_cache_memory_bytes=config.kv_cache_mib and config.kv_cache_mib << 20,
             enforce_eager=config.enforce_eager,
             enable_prefix_caching=config.enable_prefix_caching,
             scheduling_policy="priority",
@@ -66,6 +67,8 @@ class Generator:
         )
         self._engine = AsyncLLM.from_engine_args(args)
         self._max_model_len = self._engine.vllm_config.model_config.max_model_len
+        cache = self._engine.vllm_config.cache_config  # as the engine sized it at start
+        self._kv_cache_tokens = (cache.num_gpu_blocks or 0) * cache.block_size
         self._requests = 0
         self._completion_tokens = 0
         self._occupancy = Occupancy()
@@ -192,6 +195,7 @@ class Generator:
         return {
             "model": self._config.served_model_name,
             "executor": self._engine.vllm_config.parallel_config.distributed_executor_backend,
+            "kv_cache_tokens": self._kv_cache_tokens,
             "requests": self._requests,
             **self._occupancy.summary(),
             "completion_tokens": self._completion_tokens,

@@ -188,6 +188,7 @@ ENGINE_ARGS_SET_BY_THE_GENERATOR = frozenset(
         "max_model_len",
         "max_num_seqs",
         "gpu_memory_utilization",
+        "kv_cache_memory_bytes",
         "enforce_eager",
         "enable_prefix_caching",
         "scheduling_policy",
@@ -204,7 +205,20 @@ class GeneratorConfig(StrictModel):
     max_model_len: int = Field(512, ge=16, description="Context length in tokens.")
     max_num_seqs: int = Field(32, ge=1, description="Sequences vLLM runs at once.")
     gpu_memory_utilization: float = Field(
-        0.3, gt=0.0, le=1.0, description="On CPU: share of the NUMA node's memory for vLLM."
+        0.3,
+        gt=0.0,
+        le=1.0,
+        description="On CPU: share of the NUMA node's memory for vLLM; it sizes the KV cache "
+        "where kv_cache_mib is null.",
+    )
+    kv_cache_mib: int | None = Field(
+        64,
+        ge=1,
+        description="The KV cache's size in MiB (vLLM's kv_cache_memory_bytes), which vLLM "
+        "allocates whole at start. 64: 65,536 tokens of the tiny Llama (1 KiB each), 4 times "
+        "what 32 sequences of 512 hold; 0.3 of this machine's node would be 6.3 GiB and 8 s "
+        "more to start. A bigger model needs more (README Models). null: "
+        "gpu_memory_utilization's share, as vLLM does by default (configs/gpu.yaml).",
     )
     enforce_eager: bool = Field(True, description="Skip torch.compile/graph capture.")
     enable_prefix_caching: bool = True

@@ -34,6 +34,9 @@ def test_stats_and_metrics(http):
     assert stats["generator"]["model"] == "mneme-tiny-llama"
     # on CPU the model runs inside vLLM's engine-core process (vLLM would swap in "mp")
     assert stats["generator"]["executor"] == "uni"
+    # the default 64 MiB (1 KiB a token), not 0.3 of the node (millions of tokens), and room
+    # for 32 sequences of 512 tokens
+    assert 32 * 512 <= stats["generator"]["kv_cache_tokens"] <= 64 * 1024
     metrics = http.get("/metrics").text
     families = {f.name: f for f in text_string_to_metric_families(metrics)}  # valid format
     assert families["mneme_request_latency_ms"].type == "summary"

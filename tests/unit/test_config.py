@@ -41,6 +41,11 @@ def test_defaults_are_the_embedded_cpu_graph():
         ({"limits": {"max_top_k": "many"}}, "args.limits.max_top_k"),
         ({"generator": {"gpu_memory_utilization": 1.5}}, "args.generator.gpu_memory_utilization"),
         ({"generator": {"engine_kwargs": {"max_num_seqs": 8}}}, "args.generator.engine_kwargs"),
+        ({"generator": {"kv_cache_mib": 0}}, "args.generator.kv_cache_mib"),
+        (
+            {"generator": {"engine_kwargs": {"kv_cache_memory_bytes": 1}}},
+            "args.generator.engine_kwargs",
+        ),
         ({"scheduler": {"capacity": {"embedder": 0}}}, "args.scheduler.capacity.embedder"),
         ({"auth": {"keys": [{"name": "a", "key": "x" + " " * 15}]}}, "args.auth.keys.0"),
     ],
