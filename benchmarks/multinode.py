@@ -63,9 +63,7 @@ def cluster_config(http_port: int, redis_url: str, data_dir: Path) -> dict:
         redis_url=redis_url.replace("/0", "/1"), data_dir=str(data_dir)
     )
     args["cache"]["redis_url"] = redis_url
-    args["generator"].update(
-        model_path=str(ROOT / ".models" / "tiny-llama"), gpu_memory_utilization=0.1
-    )
+    args["generator"]["model_path"] = str(ROOT / ".models" / "tiny-llama")
     for deployment in app["deployments"]:
         deployment["ray_actor_options"]["num_cpus"] = 0.5  # 2 real cores behind 6 logical
         deployment["autoscaling_config"].update(

@@ -56,7 +56,9 @@ class Generator:
             max_model_len=config.max_model_len,
             max_num_seqs=config.max_num_seqs,
             gpu_memory_utilization=config.gpu_memory_utilization,
-            kv_cache_memory_bytes=config.kv_cache_mib and config.kv_cache_mib << 20,
+            kv_cache_memory_bytes=None
+            if config.kv_cache_mib is None
+            else config.kv_cache_mib << 20,
             enforce_eager=config.enforce_eager,
             enable_prefix_caching=config.enable_prefix_caching,
             scheduling_policy="priority",
@@ -67,8 +69,8 @@ class Generator:
         )
         self._engine = AsyncLLM.from_engine_args(args)
         self._max_model_len = self._engine.vllm_config.model_config.max_model_len
-        cache = self._engine.vllm_config.cache_config  # as the engine sized it at start
-        self._kv_cache_tokens = (cache.num_gpu_blocks or 0) * cache.block_size
+        # the tokens the engine's KV cache holds, as it sized it at start (vLLM's own count)
+        self._kv_cache_tokens = self._engine.vllm_config.cache_config.kv_cache_size_tokens
         self._requests = 0
         self._completion_tokens = 0
         self._occupancy = Occupancy()

@@ -208,8 +208,8 @@ class GeneratorConfig(StrictModel):
         0.3,
         gt=0.0,
         le=1.0,
-        description="On CPU: share of the NUMA node's memory for vLLM; it sizes the KV cache "
-        "where kv_cache_mib is null.",
+        description="Share of the device's memory (on CPU: of the NUMA node's) for vLLM; it "
+        "sizes the KV cache where kv_cache_mib is null.",
     )
     kv_cache_mib: int | None = Field(
         64,
@@ -217,7 +217,8 @@ class GeneratorConfig(StrictModel):
         description="The KV cache's size in MiB (vLLM's kv_cache_memory_bytes), which vLLM "
         "allocates whole at start. 64: 65,536 tokens of the tiny Llama (1 KiB each), 4 times "
         "what 32 sequences of 512 hold; 0.3 of this machine's node would be 6.3 GiB and 8 s "
-        "more to start. A bigger model needs more (README Models). null: "
+        "more to start. A bigger model needs more (README Models); vLLM's "
+        "VLLM_CPU_KVCACHE_SPACE, if set, wins on CPU. null: "
         "gpu_memory_utilization's share, as vLLM does by default (configs/gpu.yaml).",
     )
     enforce_eager: bool = Field(True, description="Skip torch.compile/graph capture.")
