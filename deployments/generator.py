@@ -69,8 +69,6 @@ class Generator:
         )
         self._engine = AsyncLLM.from_engine_args(args)
         self._max_model_len = self._engine.vllm_config.model_config.max_model_len
-        # the tokens the engine's KV cache holds, as it sized it at start (vLLM's own count)
-        self._kv_cache_tokens = self._engine.vllm_config.cache_config.kv_cache_size_tokens
         self._requests = 0
         self._completion_tokens = 0
         self._occupancy = Occupancy()
@@ -197,7 +195,8 @@ class Generator:
         return {
             "model": self._config.served_model_name,
             "executor": self._engine.vllm_config.parallel_config.distributed_executor_backend,
-            "kv_cache_tokens": self._kv_cache_tokens,
+            # the tokens its KV cache holds, as the engine sized it at start (vLLM's count)
+            "kv_cache_tokens": self._engine.vllm_config.cache_config.kv_cache_size_tokens,
             "requests": self._requests,
             **self._occupancy.summary(),
             "completion_tokens": self._completion_tokens,
