@@ -62,6 +62,8 @@ class ComputeGraph:
         self.down = downstreams
         self.cache = cache
         self.embedding_cache_id = config.embedder.cache_id()
+        # an answer depends on both models: what retrieval found and what generated from it
+        self.answer_cache_id = f"{config.generator.cache_id()}+{self.embedding_cache_id}"
         self._writes: set[asyncio.Future] = set()  # running on after their request is gone
 
     def _tiers(self, ctx: RequestContext) -> list[str] | None:
@@ -83,6 +85,10 @@ class ComputeGraph:
         )
         return pickle.loads(value)
 
+    def answer_key(self, namespace: str, payload: Any) -> KeyRequest:
+        """A deterministic answer's key: both models, the namespace (and its version)."""
+        return namespaced_key(Kind.ANSWER, self.answer_cache_id, namespace, payload)
+
     async def semantic(
         self,
         namespace: str,
@@ -98,7 +104,7 @@ class ComputeGraph:
         if threshold is None or self.cache is None:
             return await produce()
         vector = (await self.embed([query], ctx)).vectors[0]
-        bucket = digest(params)
+        bucket = digest([self.answer_cache_id, params])
         version, found = await self.cache.semantic_lookup(namespace, bucket, vector, threshold)
         if found is not None:
             ctx.cache_tiers[:] = ["hit-semantic"]

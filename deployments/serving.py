@@ -12,7 +12,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import TypeVar
 
-from cache.keys import Kind, namespaced_key, normalise_text
+from cache.keys import normalise_text
 from deployments.compute import ComputeGraph
 from mneme import protocol as p
 from mneme.config import MnemeConfig
@@ -188,7 +188,7 @@ class MnemeService:
                 self._max_tokens(req.max_tokens),
                 self.config.answer_system_prompt,
             ]
-            key = namespaced_key(Kind.ANSWER, self.chat_model, req.namespace, payload)
+            key = self.compute.answer_key(req.namespace, payload)
 
             async def produce_or_similar() -> tuple[str, list[SearchHit]]:
                 return await self.compute.semantic(

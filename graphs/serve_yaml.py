@@ -79,8 +79,25 @@ def read_serve_yaml(path: str | Path) -> list[MnemeApp]:
                 f"are {', '.join(DEPLOYMENTS)}); its options would be ignored"
             )
         _check_user_configs(application.name, config, options, loader is naive_config)
+        _check_memory_only_search(application.name, config, options.get("VectorSearch", {}))
         apps.append(MnemeApp(application.name, application.route_prefix or "/", config, options))
     return apps
+
+
+def _check_memory_only_search(app: str, config: MnemeConfig, options: dict) -> None:
+    """With `storage.data_dir` null each VectorSearch replica keeps its own memories in its
+    own memory: a second replica would answer without the first one's writes, and a replica
+    scaled down would take its writes with it."""
+    if config.vector_search.storage.data_dir is not None:
+        return
+    replicas = options.get("num_replicas", 1)
+    most = (options.get("autoscaling_config") or {}).get("max_replicas", 1)
+    if replicas == "auto" or max(replicas, most) > 1:
+        raise ValueError(
+            f"application {app!r}: args.vector_search.storage.data_dir is null (memories in "
+            "each replica's memory), so deployment 'VectorSearch' must keep one replica; "
+            "set data_dir (a folder every replica shares) to run more"
+        )
 
 
 def _check_user_configs(

@@ -26,6 +26,7 @@ NAMESPACE_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
 DEFAULT_EMBEDDING_MODEL = "all-MiniLM-L6-v2"
 DEFAULT_GENERATOR_PATH = ".models/tiny-llama"
 DEFAULT_GENERATOR_NAME = "mneme-tiny-llama"
+DEFAULT_TOP_K = 5  # memories a search, answer or chat `memory` gets when it omits top_k
 PriorityName = Literal["critical", "high", "normal", "low", "background"]
 
 
@@ -156,6 +157,15 @@ class StorageConfig(StrictModel):
         "nodes (snapshots stay in data_dir). Run Redis with appendonly yes; appendfsync "
         "always or everysec decides what a power cut may lose.",
     )
+
+    @model_validator(mode="after")
+    def _log_needs_data_dir(self) -> StorageConfig:
+        if self.redis_url is not None and self.data_dir is None:
+            raise ValueError(
+                "redis_url: the log in Redis needs data_dir for its snapshots; with data_dir "
+                "null memories are kept in memory only and redis_url would be ignored"
+            )
+        return self
 
     def resolved_data_dir(self) -> str | None:
         return None if self.data_dir is None else resolve_path(self.data_dir)
@@ -446,6 +456,22 @@ class MnemeConfig(StrictModel):
         "Answer the question using the memories below.",
         description="System prompt of /v1/answer and of chat's `memory` extension.",
     )
+
+    @model_validator(mode="after")
+    def _defaults_within_limits(self) -> MnemeConfig:
+        """What a request that omits top_k or max_tokens gets must pass the limits that one
+        asking for it would be held to."""
+        if self.limits.max_top_k < DEFAULT_TOP_K:
+            raise ValueError(
+                f"limits.max_top_k ({self.limits.max_top_k}) is below the default top_k of a "
+                f"search or answer that omits it ({DEFAULT_TOP_K}), which would then be refused"
+            )
+        if self.generator.default_max_tokens > self.limits.max_tokens:
+            raise ValueError(
+                f"generator.default_max_tokens ({self.generator.default_max_tokens}) is above "
+                f"limits.max_tokens ({self.limits.max_tokens}), which requests must keep to"
+            )
+        return self
 
 
 def field_errors(exc: ValidationError, prefix: str) -> str:

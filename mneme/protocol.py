@@ -23,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-from mneme.config import NAMESPACE_PATTERN, LimitsConfig, PriorityName
+from mneme.config import DEFAULT_TOP_K, NAMESPACE_PATTERN, LimitsConfig, PriorityName
 from mneme.errors import InvalidRequest
 
 ID_PATTERN = NAMESPACE_PATTERN
@@ -181,7 +181,7 @@ class AddMemoriesResponse(ResponseModel):
 class SearchRequest(ApiModel):
     namespace: Namespace
     query: Text
-    top_k: int = 5
+    top_k: int = DEFAULT_TOP_K
     filter: dict[str, Any] | None = None
     priority: PriorityName | None = None
 
@@ -224,7 +224,7 @@ class DeleteResponse(ResponseModel):
 class AnswerRequest(ApiModel):
     namespace: Namespace
     query: Text
-    top_k: int = 5
+    top_k: int = DEFAULT_TOP_K
     max_tokens: int | None = None
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     filter: dict[str, Any] | None = None
@@ -339,7 +339,7 @@ class MemoryOptions(ApiModel):
     """Mneme's extension: retrieve from `namespace` and give the memories to the model."""
 
     namespace: Namespace
-    top_k: int = 5
+    top_k: int = DEFAULT_TOP_K
     filter: dict[str, Any] | None = None
 
 

@@ -48,10 +48,17 @@ def test_defaults_are_the_embedded_cpu_graph():
         ),
         ({"scheduler": {"capacity": {"embedder": 0}}}, "args.scheduler.capacity.embedder"),
         ({"auth": {"keys": [{"name": "a", "key": "x" + " " * 15}]}}, "args.auth.keys.0"),
+        (  # the log in Redis without data_dir would be ignored: memories lost on restart
+            {"vector_search": {"storage": {"data_dir": None, "redis_url": "redis://h:6379/1"}}},
+            "args.vector_search.storage: Value error, redis_url",
+        ),
+        # defaults a request gets by omitting the field must pass the limits
+        ({"limits": {"max_top_k": 4}}, "limits.max_top_k (4)"),
+        ({"limits": {"max_tokens": 32}}, "generator.default_max_tokens (64)"),
     ],
 )
 def test_a_bad_field_is_named(args, field):
-    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+    with pytest.raises(ValueError, match=re.escape(field)):
         load_config(args)
 
 
@@ -99,8 +106,32 @@ def set_in(mapping: dict, path: str, value) -> None:
             lambda app, _: set_in(app, "args.embedder.batch.max_batch_size", 8),
             r"sets \[.max_batch_size.\] otherwise than args\.embedder\.batch",
         ),
+        (  # each replica would keep its own memories: writes split between them
+            lambda app, by: (
+                set_in(app, "args.vector_search.storage.data_dir", None),
+                by["VectorSearch"].update(num_replicas=2),
+            ),
+            r"data_dir is null .* must keep one replica",
+        ),
+        (
+            lambda app, by: (
+                set_in(app, "args.vector_search.storage.data_dir", None),
+                by["VectorSearch"].pop("num_replicas"),
+                by["VectorSearch"].update(
+                    autoscaling_config={"min_replicas": 1, "max_replicas": 3}
+                ),
+            ),
+            r"data_dir is null .* must keep one replica",
+        ),
     ],
-    ids=["dotted-import-path", "deployment-typo", "generator-user-config", "batch-twice"],
+    ids=[
+        "dotted-import-path",
+        "deployment-typo",
+        "generator-user-config",
+        "batch-twice",
+        "memory-only-search-replicas",
+        "memory-only-search-autoscaled",
+    ],
 )
 def test_validate_refuses_what_serve_run_would_ignore_or_fail_on(tmp_path, change, message):
     bad = tmp_path / "bad.yaml"
@@ -309,6 +340,18 @@ def test_a_model_path_pointed_elsewhere_under_the_same_name_shares_no_cached_res
         }
     )
     assert moved.embedder.model_name == base.embedder.model_name
-    ids = [ComputeGraph(c, None).embedding_cache_id for c in (base, moved)]
+    graphs = [ComputeGraph(c, None) for c in (base, moved)]
+    ids = [graph.embedding_cache_id for graph in graphs]
     assert embedding_key(ids[0], "a text") != embedding_key(ids[1], "a text")
     assert base.generator.cache_id() != moved.generator.cache_id()
+    # an answer depends on both models: either one moved keys it apart
+    answers = {
+        ComputeGraph(c, None).answer_key("ns", ["a question", 5]).base
+        for c in (base, moved, only_llm(base))
+    }
+    assert len(answers) == 3
+
+
+def only_llm(config: MnemeConfig) -> MnemeConfig:
+    generator = config.generator.model_copy(update={"model_path": "/models/qwen"})
+    return config.model_copy(update={"generator": generator})
