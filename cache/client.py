@@ -248,15 +248,25 @@ class CacheClient:
         wait = self.config.single_flight_wait_s
         wait = wait if wait_s is None else max(0.0, min(wait, wait_s))
         hedge = min(wait, self.config.hedge_after_ms / 1000)
-        await asyncio.gather(  # its own misses, and meanwhile the others' (timed from now)
-            self._compute_into(requests, compute, to_compute, owned, claims, values),
-            *(
-                self._collect(
-                    shard, keys, requests, compute, values, hedge if late else wait, priority
-                )
-                for (shard, late), keys in pending.items()
-            ),
-        )
+        try:
+            await asyncio.gather(  # its own misses, and meanwhile the others' (timed from now)
+                self._compute_into(requests, compute, to_compute, owned, values),
+                *(
+                    self._collect(
+                        shard, keys, requests, compute, values, hedge if late else wait, priority
+                    )
+                    for (shard, late), keys in pending.items()
+                ),
+            )
+        except BaseException:  # a compute failed, or the request was cancelled (even before
+            # the computes started): what this lookup claimed and did not compute is nobody's
+            given_back: dict[int, list[str]] = defaultdict(list)
+            for shard, key, i in owned:
+                if values[i] is None:
+                    given_back[shard].append(key)
+            for shard, keys in given_back.items():  # one call per shard
+                self._release(shard, keys, claims[shard])
+            raise
         for i, first in duplicates:
             values[i], labels[i] = values[first], labels[first]
         if tiers is not None:
@@ -268,11 +278,23 @@ class CacheClient:
     ) -> Lookup | None:
         try:
             if self._lookups is not None:  # the most urgent first, and first to own a miss
-                return await self._lookups[shard].submit(requests, priority)
+                return await self._merged_lookup(shard, requests, priority)
             return await self._claiming_lookup(shard, requests)
         except Exception as exc:
             logger.warning("cache shard %d lookup failed (%r): computing instead", shard, exc)
             return None
+
+    async def _merged_lookup(self, shard: int, requests: list[KeyRequest], priority: int) -> Lookup:
+        """This request's part of a merged lookup. A caller cancelled while the merged call
+        ran gives its part back through the coalescer (`orphaned`); one cancelled after its
+        part was handed over, before it could resume, gives it back here."""
+        part = self._lookups[shard].submit(requests, priority)
+        try:
+            return await part
+        except asyncio.CancelledError:
+            if part.done() and not part.cancelled() and part.exception() is None:
+                self._release(shard, part.result().owned, part.result().claim)
+            raise
 
     async def _claiming_lookup(self, shard: int, requests: list[KeyRequest]) -> Lookup:
         """One lookup call. If its answer never reaches the caller (a timeout, a cancelled
@@ -294,26 +316,21 @@ class CacheClient:
 
     def _release(self, shard: int, keys: list[str], claim: int | None) -> None:
         """Gives up `keys` claimed by lookup number `claim` (`Lookup.claim`): their waiters
-        compute them. A key claimed since by someone else is left to them."""
+        compute them. A key claimed since by someone else is left to them. None: whatever
+        claim holds them (the shard's `release` of an older release takes keys only)."""
         if not keys:
             return
-        if claim is None:  # a shard actor of an older release: its `release` takes keys only
+        if claim is None:
             self.shards[shard].release.remote(keys)
         else:
             self.shards[shard].release.remote(keys, claim)
 
-    async def _compute_into(self, requests, compute, indices, owned, claims, values) -> None:
+    async def _compute_into(self, requests, compute, indices, owned, values) -> None:
+        """Computes the misses this caller owns and stores them (a failure is released by
+        `get_or_compute`)."""
         if not indices:
             return
-        try:
-            computed = await compute(indices)
-        except BaseException:
-            given_back: dict[int, list[str]] = defaultdict(list)
-            for shard, key, _ in owned:
-                given_back[shard].append(key)
-            for shard, keys in given_back.items():  # one call per shard
-                self._release(shard, keys, claims[shard])
-            raise
+        computed = await compute(indices)
         for i, value in zip(indices, computed, strict=True):
             values[i] = value
         per_shard: dict[int, list[tuple[str, Any, bytes]]] = defaultdict(list)
@@ -350,7 +367,15 @@ class CacheClient:
         missing = [key for key in keys if key not in known]
         if missing:  # the owner failed, or is slow (queued behind more urgent work?)
             self.joined_misses_computed += len(missing)
-            computed = await compute([keys[key] for key in missing])
+            try:
+                computed = await compute([keys[key] for key in missing])
+            except BaseException:
+                # The shard renewed the owner's claim for this caller when its wait ended
+                # (`CacheShard.await_keys`): give it back, or joiners whose deadlines cut
+                # their waits short would renew a gone owner's claim for good. Whoever
+                # holds the claim now, its waiters then compute for themselves.
+                self._release(shard, missing, None)
+                raise
             known.update(zip(missing, computed, strict=True))
             self._store(shard, [(k, requests[keys[k]].kind, known[k]) for k in missing])
         for key, i in keys.items():

@@ -194,8 +194,3 @@ class TinyLfuCache:
             return False
         self._remove(segment, key)
         return True
-
-    def clear(self) -> None:
-        for segment in (self._window, self._probation, self._protected):
-            segment.clear()
-        self.bytes = 0

@@ -149,9 +149,6 @@ class CacheShard:
         self._semantic_hits = 0
         self._semantic_misses = 0
 
-    def ready(self) -> bool:
-        return True
-
     def settings(self) -> dict[str, Any]:
         """The settings this actor runs with: fixed when it started (it is detached and
         named, so a redeploy finds it running and keeps them)."""
@@ -162,9 +159,10 @@ class CacheShard:
         return f"{self.epoch}.{self._versions[namespace]}"
 
     def bump(self, namespace: str) -> str:
+        """A new version: results cached under the older ones are never served again (a
+        semantic bucket of an older version is replaced by the next answer added to it,
+        or dropped as least recently used)."""
         self._versions[namespace] += 1
-        for bucket in [b for b in self._semantic if b[0] == namespace]:
-            self._drop_semantic(bucket)  # answers of older versions are never served
         return self.version(namespace)
 
     def full_key(self, request: KeyRequest) -> str:

@@ -375,3 +375,118 @@ def test_the_summed_stats_keep_a_silent_shards_last_answer():
     assert first["kinds"]["embedding"]["misses"] == second["kinds"]["embedding"]["misses"] == 2
     assert (first["shards_answering"], second["shards_answering"]) == (2, 1)
     assert list(second["by_shard"]) == ["0"]
+
+
+def test_joiners_whose_deadlines_cut_their_waits_do_not_keep_a_gone_owners_claim():
+    """An owner claims a key and is gone (its Router died): it never stores nor releases.
+    Each joiner's wait is cut by its deadline, and the shard renews the claim for it as it
+    takes the computation over; the joiner then fails its deadline. Its failure gives the
+    claim back, so the claim lapses and a later request computes the key."""
+
+    async def scenario():
+        config = CacheConfig(single_flight_wait_s=0.3)
+        handle = FakeShardHandle(CacheShard(config))
+        client = client_of(config, handle)
+        key = embedding_key("model", "z")
+        await handle.shard.lookup([key])  # the owner that is gone
+        loop, outcomes = asyncio.get_running_loop(), []
+        for _ in range(12):  # 1.2 s of requests with 0.1 s left each: 4 x the claim's life
+            start = loop.time()
+
+            async def compute(indices, start=start):
+                if loop.time() - start >= 0.1:  # what Downstreams does past the deadline
+                    raise TimeoutError("deadline passed before calling Embedder")
+                return [b"v"] * len(indices)
+
+            try:
+                await client.get_or_compute([key], compute, wait_s=0.1)
+                outcomes.append("ok")
+            except TimeoutError:
+                outcomes.append("deadline")
+        return outcomes
+
+    outcomes = asyncio.run(scenario())
+    assert outcomes[0] == "deadline" and "ok" in outcomes, outcomes
+
+
+def test_a_request_cancelled_between_its_lookup_and_its_computes_gives_its_claims_back():
+    """A cancellation that lands anywhere between the lookup (which claimed the miss) and
+    the store, the first step of the compute task included: no claim is left for joiners to
+    wait out. (The lookup is wrapped to cancel the request after 1 to 8 turns of the event
+    loop, a sweep over the race Ray will not produce on demand; not within the lookup's own
+    step, where nothing but this wrapper could cancel the request.)"""
+
+    async def scenario(turns: int):
+        config = CacheConfig()
+        handle = FakeShardHandle(CacheShard(config))
+        client = client_of(config, handle)
+        loop, request = asyncio.get_running_loop(), {}
+        lookup = client._lookup
+
+        def cancel_after(turns: int) -> None:
+            if turns == 0:
+                request["task"].cancel()
+            else:
+                loop.call_soon(cancel_after, turns - 1)
+
+        async def lookup_then_cancel_the_request(shard, requests, priority):
+            found = await lookup(shard, requests, priority)
+            cancel_after(turns)
+            return found
+
+        client._lookup = lookup_then_cancel_the_request
+
+        async def compute(indices):
+            return [b"v"] * len(indices)
+
+        request["task"] = asyncio.ensure_future(
+            client.get_or_compute([embedding_key("model", "x")], compute)
+        )
+        try:
+            await request["task"]
+        except asyncio.CancelledError:
+            pass
+        await asyncio.sleep(0.01)
+        return handle.shard._inflight
+
+    assert [asyncio.run(scenario(turns)) for turns in range(1, 9)] == [{}] * 8
+
+
+def test_a_request_cancelled_as_its_merged_lookup_answers_gives_its_claims_back():
+    """The merged lookup hands this request its part (with a claimed miss), and the request
+    is cancelled before it resumes: the part is given back. (The split is wrapped to cancel
+    at that moment: a race Ray will not produce on demand.)"""
+    from cache.client import split_lookup
+    from mneme.coalesce import Coalescer
+
+    async def scenario():
+        config = CacheConfig()
+        handle = FakeShardHandle(CacheShard(config))
+        client = client_of(config, handle)
+        loop, request = asyncio.get_running_loop(), {}
+
+        def split_then_cancel_the_request(lookup, sizes):
+            loop.call_soon(request["task"].cancel)
+            return split_lookup(lookup, sizes)
+
+        client._lookups = [
+            Coalescer(
+                lambda requests: client._claiming_lookup(0, requests),
+                split=split_then_cancel_the_request,
+                orphaned=lambda part: client._release(0, part.owned, part.claim),
+            )
+        ]
+
+        async def compute(indices):
+            return [b"v"] * len(indices)
+
+        request["task"] = asyncio.ensure_future(
+            client.get_or_compute([embedding_key("model", "y")], compute)
+        )
+        with pytest.raises(asyncio.CancelledError):
+            await request["task"]
+        await asyncio.sleep(0.05)
+        return handle
+
+    handle = asyncio.run(scenario())
+    assert len(handle.released) == 1 and handle.shard._inflight == {}
