@@ -325,16 +325,18 @@ class Downstreams:
         }
 
     async def stats(self, timeout_s: float = 5.0) -> dict[str, Any]:
-        """Each downstream's `stats()`; one that does not answer in time reports its error."""
-        calls = {name: h.stats.remote() for name, h in self._handles().items()}
-        out: dict[str, Any] = {}
-        for name, call in calls.items():
+        """Each downstream's `stats()`, all within one `timeout_s`; one that does not answer
+        in time reports its error."""
+
+        async def answer(call: DeploymentResponse) -> Any:
             try:
-                out[name] = await asyncio.wait_for(_awaited(call), timeout_s)
+                return await asyncio.wait_for(_awaited(call), timeout_s)
             except Exception as exc:  # stats must answer even while a replica is down
                 call.cancel()
-                out[name] = {"error": type(exc).__name__}
-        return out
+                return {"error": type(exc).__name__}
+
+        calls = {name: h.stats.remote() for name, h in self._handles().items()}
+        return dict(zip(calls, await asyncio.gather(*map(answer, calls.values())), strict=True))
 
 
 async def _awaited(response: DeploymentResponse) -> Any:

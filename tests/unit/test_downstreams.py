@@ -7,7 +7,7 @@ import asyncio
 import numpy as np
 
 from deployments.compute import ComputeGraph
-from deployments.downstreams import Downstreams
+from deployments.downstreams import DEPLOYMENT_NAMES, Downstreams
 from deployments.vector_search import VectorSearch
 from mneme.config import MnemeConfig, RouterConfig
 from mneme.errors import Overloaded
@@ -262,3 +262,33 @@ def test_merged_calls_in_flight_follow_the_replicas_running():
     downstreams.follow_replicas({}, routers=8)  # none running yet: at least one each
     assert downstreams.embed_coalescer.max_in_flight == 1
     assert downstreams.search_coalescer.max_in_flight == 1
+
+
+class HungStatsHandle:
+    """A downstream whose replica never answers `stats` (a fault no real replica gives on
+    demand): its call is a future that only cancellation ends."""
+
+    def __init__(self) -> None:
+        self.stats = self
+        self.cancelled = 0
+
+    def remote(self) -> asyncio.Future:
+        call = asyncio.get_running_loop().create_future()
+        call.add_done_callback(lambda f: setattr(self, "cancelled", self.cancelled + f.cancelled()))
+        return call
+
+
+def test_stats_of_hung_downstreams_answer_within_one_timeout():
+    """/healthz and the budget refresh wait on these: three hung downstreams cost one
+    timeout, not three in turn, and each reports its error."""
+
+    async def scenario():
+        handles = [HungStatsHandle() for _ in range(3)]
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        out = await Downstreams(*handles).stats(timeout_s=0.2)
+        return out, loop.time() - start, handles
+
+    out, took_s, handles = asyncio.run(scenario())
+    assert out == {name: {"error": "TimeoutError"} for name in DEPLOYMENT_NAMES}
+    assert took_s < 0.4 and [h.cancelled for h in handles] == [1, 1, 1]
