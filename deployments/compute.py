@@ -31,7 +31,7 @@ from deployments.downstreams import Downstreams, WriteNotSent
 from mneme.coalesce import detached, fire_and_forget
 from mneme.config import MnemeConfig
 from mneme.errors import Unavailable
-from mneme.priority import RequestContext
+from mneme.priority import COMPUTED, RequestContext
 from mneme.records import (
     Embeddings,
     Generation,
@@ -66,9 +66,11 @@ class ComputeGraph:
         self.answer_cache_id = f"{config.generator.cache_id()}+{self.embedding_cache_id}"
         self._writes: set[asyncio.Future] = set()  # running on after their request is gone
 
-    def _tiers(self, ctx: RequestContext) -> list[str] | None:
-        """Only a request's first lookup (its own result) decides its X-Cache header."""
-        return None if ctx.cache_tiers else ctx.cache_tiers
+    def _uncached(self, ctx: RequestContext) -> RequestContext:
+        """For a model call no cache lookup stands for: X-Cache then says miss."""
+        if self.cache is not None:
+            ctx.cache_tiers.append(COMPUTED)
+        return ctx
 
     async def cached(
         self, key: KeyRequest, produce: Callable[[], Awaitable[T]], ctx: RequestContext
@@ -81,7 +83,7 @@ class ComputeGraph:
             return [_dumps(await produce())]
 
         [value] = await self.cache.get_or_compute(
-            [key], compute, self._tiers(ctx), ctx.remaining_s(), ctx.priority
+            [key], compute, ctx.cache_tiers, ctx.remaining_s(), ctx.priority
         )
         return pickle.loads(value)
 
@@ -132,7 +134,7 @@ class ComputeGraph:
 
         keys = [embedding_key(self.embedding_cache_id, text) for text in texts]
         values = await self.cache.get_or_compute(
-            keys, compute, self._tiers(ctx), ctx.remaining_s(), ctx.priority
+            keys, compute, ctx.cache_tiers, ctx.remaining_s(), ctx.priority
         )
         pairs = [pickle.loads(v) for v in values]
         return Embeddings(
@@ -234,7 +236,7 @@ class ComputeGraph:
     def generate_stream(
         self, request: GenerationRequest, ctx: RequestContext
     ) -> AsyncIterator[GenerationDelta]:
-        return self.down.generate_stream(request, ctx)
+        return self.down.generate_stream(request, self._uncached(ctx))
 
     async def generate(
         self,
@@ -247,7 +249,7 @@ class ComputeGraph:
         function of the request: temperature 0 or a seed); `namespace`: the one whose
         memories the prompt holds."""
         if not (cacheable and self.config.cache.cache_chat):
-            return await self.down.generate(request, ctx)
+            return await self.down.generate(request, self._uncached(ctx))
         return await self._generate_cached(Kind.CHAT, request, namespace, ctx)
 
     async def generate_answer(

@@ -31,6 +31,9 @@ class Priority(enum.IntEnum):
             ) from None
 
 
+COMPUTED = "computed"
+
+
 @dataclass(frozen=True)
 class RequestContext:
     """What every downstream call carries: the request's class and its absolute deadline."""
@@ -38,7 +41,8 @@ class RequestContext:
     priority: Priority = Priority.NORMAL
     deadline: float | None = None  # time.monotonic() seconds
     received_at: float = field(default_factory=time.monotonic)
-    # tiers of the request's own cache lookup, filled on the way ("hit-l1", "hit-l2", "miss")
+    # tiers of the request's cache lookups, filled on the way ("hit-l1", "hit-l2", "miss"),
+    # and COMPUTED for a model call no lookup stood for (a generation that is not cached)
     cache_tiers: list[str] = field(default_factory=list)
     # seconds spent queued in the Router before each downstream call (X-Queue-Wait-Ms)
     queue_waits: list[float] = field(default_factory=list)
@@ -47,9 +51,16 @@ class RequestContext:
     reveal_cache: bool = True
 
     def cache_header(self) -> str | None:
-        """X-Cache: miss if anything was computed, else the slowest tier that answered
-        (hit-semantic: an answer cached for a similar question)."""
-        for tier in ("hit-semantic", "miss", "hit-l2", "hit-l1"):
+        """X-Cache, for a request that looked the cache up: miss if anything was computed,
+        else the slowest tier that answered (hit-semantic: an answer cached for a similar
+        question)."""
+        if all(tier == COMPUTED for tier in self.cache_tiers):
+            return None
+        if "hit-semantic" in self.cache_tiers:
+            return "hit-semantic"
+        if COMPUTED in self.cache_tiers:
+            return "miss"
+        for tier in ("miss", "hit-l2", "hit-l1"):
             if tier in self.cache_tiers:
                 return tier
         return None

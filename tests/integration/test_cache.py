@@ -157,6 +157,26 @@ def test_only_deterministic_chat_is_cached(http):
     assert "x-cache" not in http.post("/v1/chat/completions", json=sampled).headers
 
 
+def test_x_cache_says_miss_whenever_the_model_generated(http):
+    """Retrieval served from the cache, then a generation no cache stood for (sampled): the
+    LLM ran, so the response is a miss; with a cached generation it is a hit."""
+    space = f"xc-{uuid.uuid4().hex[:8]}"
+    http.post("/v1/memories", json={"namespace": space, "items": [{"text": "Tea at 5"}]})
+    query = unique("when is tea?")
+    chat = {"messages": [{"role": "user", "content": query}], "max_tokens": 3}
+    answer = {"namespace": space, "query": query, "max_tokens": 3}
+    for path, sampled in (
+        ("/v1/chat/completions", {**chat, "temperature": 1.0, "memory": {"namespace": space}}),
+        ("/v1/answer", {**answer, "temperature": 1.0}),
+    ):
+        before = generations(http)
+        tiers = [http.post(path, json=sampled).headers["x-cache"] for _ in range(2)]
+        assert tiers == ["miss", "miss"] and generations(http) == before + 2
+    greedy = {**chat, "temperature": 0, "memory": {"namespace": space}}
+    tiers = [http.post("/v1/chat/completions", json=greedy).headers["x-cache"] for _ in range(2)]
+    assert tiers == ["miss", "hit-l1"]
+
+
 def test_concurrent_identical_misses_are_computed_once(served, http):
     text = unique("stampede")
     before = http.get("/v1/stats").json()["embedder"]["items"]
