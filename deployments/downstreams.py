@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import numpy as np
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 from ray.serve.exceptions import (
     BackPressureError,
     DeploymentUnavailableError,
@@ -27,7 +27,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from mneme.coalesce import Coalescer, split_list
 from mneme.config import RouterConfig
-from mneme.errors import DeadlineExceeded, Overloaded, Unavailable
+from mneme.errors import DeadlineExceeded, MnemeError, Overloaded, Unavailable
 from mneme.priority import RequestContext
 from mneme.records import (
     Embeddings,
@@ -66,6 +66,11 @@ def _method_missing(exc: BaseException, method: str) -> bool:
 
 
 def _translate(exc: BaseException, name: str) -> Exception | None:
+    """The error to raise for `exc` from a call to `name`; None: `exc` itself."""
+    if isinstance(exc, RayTaskError) and isinstance(exc.cause, MnemeError):
+        # raised in the replica: Ray's wrapper is of both classes, but the class's defaults
+        # (retry_after_s None, say) hide what the replica's error was given
+        return exc.cause
     if isinstance(exc, BackPressureError):
         return Overloaded(f"{name} is at capacity; retry shortly", retry_after_s=1.0)
     if isinstance(exc, _UNAVAILABLE):

@@ -9,7 +9,6 @@ import os
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from ray.exceptions import RayTaskError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -19,10 +18,6 @@ logger = logging.getLogger("ray.serve")
 
 
 def error_response(exc: MnemeError) -> JSONResponse:
-    if isinstance(exc, RayTaskError) and isinstance(exc.cause, MnemeError):
-        # raised in a downstream replica: Ray's wrapper is both classes, but the class's
-        # defaults (retry_after_s None, say) hide what the replica's error was given
-        exc = exc.cause
     headers = dict(exc.headers)
     if exc.retry_after_s is not None:
         headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
+from ray.exceptions import RayTaskError
 
 from deployments.compute import ComputeGraph
-from deployments.downstreams import DEPLOYMENT_NAMES, Downstreams
+from deployments.downstreams import DEPLOYMENT_NAMES, Downstreams, _translate
+from deployments.http_errors import error_response
 from deployments.vector_search import VectorSearch
 from mneme.config import MnemeConfig, RouterConfig
-from mneme.errors import Overloaded
+from mneme.errors import InvalidRequest, MnemeError, Overloaded, Unavailable
 from mneme.priority import Priority, RequestContext
 from mneme.records import (
     Embeddings,
@@ -292,3 +294,27 @@ def test_stats_of_hung_downstreams_answer_within_one_timeout():
     out, took_s, handles = asyncio.run(scenario())
     assert out == {name: {"error": "TimeoutError"} for name in DEPLOYMENT_NAMES}
     assert took_s < 0.4 and [h.cancelled for h in handles] == [1, 1, 1]
+
+
+def as_raised_in_a_replica(exc: MnemeError) -> MnemeError:
+    """What a Serve handle call raises for `exc` raised in the downstream replica: Ray's
+    RayTaskError subclassed from the error's own class (both at once)."""
+    try:
+        raise exc
+    except MnemeError as raised:
+        return RayTaskError("generate", "traceback", raised).as_instanceof_cause()
+
+
+def test_an_error_raised_in_a_replica_keeps_its_retry_after_and_fields():
+    """The Generator's 503 for a dead engine says when to retry: Ray's wrapper, of both
+    classes, would answer with the class's defaults instead."""
+    died = as_raised_in_a_replica(Unavailable("the engine died", retry_after_s=5.0))
+    assert isinstance(died, Unavailable) and died.retry_after_s is None  # Ray's wrapper
+    response = error_response(_translate(died, "Generator"))
+    assert response.status_code == 503 and response.headers["retry-after"] == "5"
+    assert b'"message":"the engine died"' in response.body
+
+    invalid = as_raised_in_a_replica(InvalidRequest("bad", param="stop", code="too_many"))
+    response = error_response(_translate(invalid, "Generator"))
+    assert response.status_code == 400 and "retry-after" not in response.headers
+    assert b'"param":"stop","code":"too_many"' in response.body
