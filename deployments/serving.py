@@ -103,7 +103,13 @@ class MnemeService:
     ) -> p.AddMemoriesResponse:
         req.check_limits(self.limits)
         items = [NewMemory(i.id or new_id("mem_"), i.text, i.metadata) for i in req.items]
-        return p.AddMemoriesResponse(ids=await self.compute.upsert(req.namespace, items, ctx))
+        try:
+            ids = await self.compute.upsert(req.namespace, items, ctx)
+        except MnemeError as exc:
+            if exc.status_code >= 500:  # the write may stand: a retry with its ids replaces it
+                exc.details = {**exc.details, "ids": [item.id for item in items]}
+            raise
+        return p.AddMemoriesResponse(ids=ids)
 
     async def _retrieve(
         self, namespace: str, query: str, top_k: int, flt: dict | None, ctx: RequestContext

@@ -11,6 +11,7 @@ class MnemeError(Exception):
     code: str | None = None
     retry_after_s: float | None = None
     headers: dict[str, str] = {}
+    details: dict = {}  # more fields of the error object (the ids of a write that may stand)
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -26,6 +27,7 @@ class MnemeError(Exception):
                 "type": self.error_type,
                 "param": self.param,
                 "code": self.code,
+                **self.details,
             }
         }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 import pytest
 from ray.serve.context import _RequestContext, _serve_request_context
 
@@ -490,3 +491,46 @@ def test_a_request_cancelled_as_its_merged_lookup_answers_gives_its_claims_back(
 
     handle = asyncio.run(scenario())
     assert len(handle.released) == 1 and handle.shard._inflight == {}
+
+
+class EmbeddingAndStoringDownstreams:
+    """The Embedder and VectorSearch calls an add makes, answered in this process (the
+    fault under test is the cache shard's, which FakeShardHandle gives)."""
+
+    def __init__(self) -> None:
+        self.stored: list[str] = []
+
+    async def embed(self, texts, ctx):
+        from mneme.records import Embeddings
+
+        return Embeddings(np.ones((len(texts), 4), dtype=np.float32), [1] * len(texts))
+
+    async def upsert(self, namespace, items, vectors, ctx, gone):
+        self.stored += [item.id for item in items]
+        return [item.id for item in items]
+
+
+def test_an_add_answered_503_names_the_ids_it_stored_so_a_retry_replaces_them():
+    """The write stands but its namespace's cached results could not be invalidated: the
+    503 carries the ids the Router gave the items that came without one, so retrying with
+    them replaces the memories instead of storing them twice."""
+    from deployments.serving import MnemeService
+    from mneme import protocol as p
+    from mneme.priority import RequestContext
+
+    async def scenario():
+        config = CacheConfig(bump_timeout_s=0.01)
+        handle = FakeShardHandle(CacheShard(config))
+        handle.bump_failures = 10**6  # the shard never confirms
+        down = EmbeddingAndStoringDownstreams()
+        graph = ComputeGraph(MnemeConfig(), down, cache=client_of(config, handle))
+        service = MnemeService(MnemeConfig(), graph)
+        items = [{"text": "tea at 5"}, {"text": "coffee at 9", "id": "mine"}]
+        request = p.AddMemoriesRequest(namespace="ns", items=items)
+        with pytest.raises(Unavailable) as refused:
+            await service.add_memories(request, RequestContext())
+        return refused.value.to_body()["error"], down.stored
+
+    error, stored = asyncio.run(scenario())
+    assert error["code"] == "unavailable" and error["ids"] == stored
+    assert stored[0].startswith("mem_") and stored[1] == "mine"
