@@ -215,9 +215,11 @@ class RedisMemoryLog:
         self._redis.close()
 
 
-def write_snapshot(store: MemoryStore, position: Position, path: Path) -> None:
-    """Atomically replace `path` with the store's state as of log `position`."""
-    state = {"format": SNAPSHOT_FORMAT, "position": dict(position), "store": store.state()}
+def write_snapshot(store: MemoryStore | dict, position: Position, path: Path) -> None:
+    """Atomically replace `path` with the store's state (or a copy of it, `store.state()`,
+    taken earlier) as of log `position`."""
+    copied = store if isinstance(store, dict) else store.state()
+    state = {"format": SNAPSHOT_FORMAT, "position": dict(position), "store": copied}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     with open(tmp, "wb") as f:
         pickle.dump(state, f, protocol=pickle.HIGHEST_PROTOCOL)
@@ -269,6 +271,7 @@ class DurableStore:
         self.log.continue_after(self.applied)
         self.writes_since_snapshot = 0
         self.snapshot_position = dict(self.applied)
+        self._snapshot_writer: threading.Thread | None = None
         self.replayed = self.catch_up()  # what the last snapshot did not have
 
     def catch_up(self) -> int:
@@ -304,14 +307,45 @@ class DurableStore:
                 f"{passed} that this replica had applied; it is not acknowledged"
             )
         self.catch_up()  # applies ours after anything another replica logged first
-        if self.writes_since_snapshot >= self.snapshot_every:
+        if self.writes_since_snapshot >= self.snapshot_every and not self.snapshotting():
+            self._snapshot_in_background()
+
+    def snapshotting(self) -> bool:
+        return self._snapshot_writer is not None and self._snapshot_writer.is_alive()
+
+    def _snapshot_in_background(self) -> None:
+        """The store's state is copied here, on the caller's thread (about a third of the
+        work: 0.5 of 1.4 s for 200,000 memories); it is pickled and written on a thread of
+        its own while the replica serves on. A failure is logged, and tried again after
+        another `snapshot_every` writes: the writes are logged, a late snapshot only
+        lengthens a replay."""
+        self.writes_since_snapshot = 0
+        try:
+            self.log.sync()  # the position it records must not be ahead of a durable log
+            position, state = dict(self.applied), self.store.state()
+        except Exception as exc:
+            logger.error("snapshot to %s failed: %r", self.snapshot_path, exc)
+            return
+
+        def write() -> None:
             try:
-                self.snapshot()
-            except Exception as exc:  # the write is logged: a late snapshot only lengthens replay
-                self.writes_since_snapshot = 0  # tried again after another snapshot_every
+                write_snapshot(state, position, self.snapshot_path)
+            except Exception as exc:
                 logger.error("snapshot to %s failed: %r", self.snapshot_path, exc)
+                return
+            self.snapshot_position = position
+
+        self._snapshot_writer = threading.Thread(target=write, name="mneme-snapshot", daemon=True)
+        self._snapshot_writer.start()
+
+    def wait_for_snapshot(self) -> None:
+        """Until the snapshot being written in the background, if any, is on disk."""
+        if self._snapshot_writer is not None:
+            self._snapshot_writer.join()
 
     def snapshot(self) -> None:
+        """A snapshot now, on this thread (after any being written in the background)."""
+        self.wait_for_snapshot()
         self.log.sync()  # the position it records must not be ahead of a durable log
         write_snapshot(self.store, self.applied, self.snapshot_path)
         self.snapshot_position = dict(self.applied)
