@@ -13,11 +13,9 @@ import hmac
 import os
 from dataclasses import dataclass
 
-from mneme.config import AuthConfig
+from mneme.config import MIN_KEY_CHARS, AuthConfig
 from mneme.errors import Forbidden, Unauthorized
 from mneme.priority import Priority
-
-MIN_KEY_CHARS = 16
 
 
 def digest(token: str) -> bytes:

@@ -26,6 +26,7 @@ NAMESPACE_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
 DEFAULT_EMBEDDING_MODEL = "all-MiniLM-L6-v2"
 DEFAULT_GENERATOR_PATH = ".models/tiny-llama"
 DEFAULT_GENERATOR_NAME = "mneme-tiny-llama"
+MIN_KEY_CHARS = 16  # an API key's shortest token (key, or the variable key_env names)
 DEFAULT_TOP_K = 5  # memories a search, answer or chat `memory` gets when it omits top_k
 PriorityName = Literal["critical", "high", "normal", "low", "background"]
 
@@ -419,8 +420,10 @@ class ApiKeyConfig(StrictModel):
     def _one_source(self) -> ApiKeyConfig:
         if (self.key is None) == (self.key_env is None):
             raise ValueError("give exactly one of key or key_env")
-        if self.key is not None and len(self.key.get_secret_value().strip()) < 16:
-            raise ValueError("key: use at least 16 characters (surrounding spaces do not count)")
+        if self.key is not None and len(self.key.get_secret_value().strip()) < MIN_KEY_CHARS:
+            raise ValueError(
+                f"key: use at least {MIN_KEY_CHARS} characters (surrounding spaces do not count)"
+            )
         return self
 
 
