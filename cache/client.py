@@ -245,27 +245,20 @@ class CacheClient:
                     first_of[key] = i
                     owned.append((shard, key, i))
                     to_compute.append(i)
-        wait = self.config.single_flight_wait_s
-        wait = wait if wait_s is None else max(0.0, min(wait, wait_s))
-        hedge = min(wait, self.config.hedge_after_ms / 1000)
+        own = asyncio.ensure_future(
+            self._compute_into(requests, compute, to_compute, owned, claims, values)
+        )
         try:
             await asyncio.gather(  # its own misses, and meanwhile the others' (timed from now)
-                self._compute_into(requests, compute, to_compute, owned, values),
+                own,
                 *(
-                    self._collect(
-                        shard, keys, requests, compute, values, hedge if late else wait, priority
-                    )
+                    self._collect(shard, keys, requests, compute, values, priority, wait_s, late)
                     for (shard, late), keys in pending.items()
                 ),
             )
-        except BaseException:  # a compute failed, or the request was cancelled (even before
-            # the computes started): what this lookup claimed and did not compute is nobody's
-            given_back: dict[int, list[str]] = defaultdict(list)
-            for shard, key, i in owned:
-                if values[i] is None:
-                    given_back[shard].append(key)
-            for shard, keys in given_back.items():  # one call per shard
-                self._release(shard, keys, claims[shard])
+        except BaseException:
+            if own.cancelled():  # perhaps before its first step, so its own release never ran
+                self._release_uncomputed(owned, claims, values)
             raise
         for i, first in duplicates:
             values[i], labels[i] = values[first], labels[first]
@@ -316,21 +309,31 @@ class CacheClient:
 
     def _release(self, shard: int, keys: list[str], claim: int | None) -> None:
         """Gives up `keys` claimed by lookup number `claim` (`Lookup.claim`): their waiters
-        compute them. A key claimed since by someone else is left to them. None: whatever
-        claim holds them (the shard's `release` of an older release takes keys only)."""
+        compute them. A key claimed since by someone else is left to them."""
         if not keys:
             return
-        if claim is None:
+        if claim is None:  # a shard actor of an older release: its `release` takes keys only
             self.shards[shard].release.remote(keys)
         else:
             self.shards[shard].release.remote(keys, claim)
 
-    async def _compute_into(self, requests, compute, indices, owned, values) -> None:
-        """Computes the misses this caller owns and stores them (a failure is released by
-        `get_or_compute`)."""
+    def _release_uncomputed(self, owned, claims, values) -> None:
+        """Gives up the owned misses not computed: nobody else would compute them."""
+        given_back: dict[int, list[str]] = defaultdict(list)
+        for shard, key, i in owned:
+            if values[i] is None:
+                given_back[shard].append(key)
+        for shard, keys in given_back.items():  # one call per shard
+            self._release(shard, keys, claims[shard])
+
+    async def _compute_into(self, requests, compute, indices, owned, claims, values) -> None:
         if not indices:
             return
-        computed = await compute(indices)
+        try:
+            computed = await compute(indices)
+        except BaseException:
+            self._release_uncomputed(owned, claims, values)
+            raise
         for i, value in zip(indices, computed, strict=True):
             values[i] = value
         per_shard: dict[int, list[tuple[str, Any, bytes]]] = defaultdict(list)
@@ -353,29 +356,33 @@ class CacheClient:
         requests: Sequence[KeyRequest],
         compute: Compute,
         values,
-        wait_s: float,
         priority: int,
+        deadline_s: float | None,
+        late: bool,
     ) -> None:
-        """Values other callers are computing; compute here (and store, waking whoever else
-        waits) what they fail to deliver within `wait_s`, at `priority`."""
+        """Values other callers are computing; compute here at `priority` (and store, waking
+        whoever else waits) what they fail to deliver within `single_flight_wait_s`, or
+        `hedge_after_ms` when the owner is less urgent (`late`), or the request's time left
+        (`deadline_s`), whichever is shortest."""
+        wait_s = self.config.hedge_after_ms / 1000 if late else self.config.single_flight_wait_s
+        wait_s = min(wait_s, self.config.single_flight_wait_s)
+        # The shard hands the owner's claim to a waiter whose wait ends (`priority` given),
+        # so that later joiners wait for it; not to one whose own deadline ended it: it
+        # could not compute in time, and the claim of an owner that is gone would be kept.
+        takes_over = deadline_s is None or deadline_s >= wait_s
+        wait_s = wait_s if deadline_s is None else max(0.0, min(wait_s, deadline_s))
         known: dict[str, bytes] = {}
         try:
-            ref = self.shards[shard].await_keys.remote(list(keys), wait_s, priority)
+            ref = self.shards[shard].await_keys.remote(
+                list(keys), wait_s, priority if takes_over else None
+            )
             known = await self._call(ref, wait_s + 1.0)
         except Exception as exc:
             logger.warning("waiting for joined misses failed (%r): computing", exc)
         missing = [key for key in keys if key not in known]
         if missing:  # the owner failed, or is slow (queued behind more urgent work?)
             self.joined_misses_computed += len(missing)
-            try:
-                computed = await compute([keys[key] for key in missing])
-            except BaseException:
-                # The shard renewed the owner's claim for this caller when its wait ended
-                # (`CacheShard.await_keys`): give it back, or joiners whose deadlines cut
-                # their waits short would renew a gone owner's claim for good. Whoever
-                # holds the claim now, its waiters then compute for themselves.
-                self._release(shard, missing, None)
-                raise
+            computed = await compute([keys[key] for key in missing])
             known.update(zip(missing, computed, strict=True))
             self._store(shard, [(k, requests[keys[k]].kind, known[k]) for k in missing])
         for key, i in keys.items():

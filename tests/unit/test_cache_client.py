@@ -534,3 +534,75 @@ def test_an_add_answered_503_names_the_ids_it_stored_so_a_retry_replaces_them():
     error, stored = asyncio.run(scenario())
     assert error["code"] == "unavailable" and error["ids"] == stored
     assert stored[0].startswith("mem_") and stored[1] == "mine"
+
+
+def test_a_joiner_that_fails_leaves_a_live_owners_claim_to_the_others_waiting():
+    """The owner is slow but alive; a joiner whose deadline is short fails; the joiners that
+    can wait get the owner's value, none computes it again."""
+
+    async def scenario():
+        config = CacheConfig(single_flight_wait_s=5.0)
+        handle = FakeShardHandle(CacheShard(config))
+        client = client_of(config, handle)
+        key, computes = embedding_key("model", "hot"), []
+
+        def computer(name: str, seconds: float, fails: bool = False):
+            async def compute(indices):
+                computes.append(name)
+                await asyncio.sleep(seconds)
+                if fails:
+                    raise TimeoutError(f"{name}: deadline passed")
+                return [name.encode()] * len(indices)
+
+            return compute
+
+        def request(name: str, seconds: float, wait_s=None, fails=False):
+            compute = computer(name, seconds, fails)
+            return asyncio.ensure_future(client.get_or_compute([key], compute, wait_s=wait_s))
+
+        owner = request("owner", 0.5)
+        await asyncio.sleep(0.01)
+        short = request("short", 0.0, wait_s=0.1, fails=True)
+        await asyncio.sleep(0.01)
+        patient = [request(f"patient{i}", 0.5) for i in range(3)]
+        results = await asyncio.gather(owner, short, *patient, return_exceptions=True)
+        return computes, results
+
+    computes, results = asyncio.run(scenario())
+    assert computes == ["owner", "short"]
+    assert isinstance(results[1], TimeoutError)
+    assert [r for i, r in enumerate(results) if i != 1] == [[b"owner"]] * 4
+
+
+def test_a_failed_joined_miss_does_not_give_up_the_requests_own_miss_still_computing():
+    """One request owns k1 (slow) and joined k2, whose owner is gone; its compute of k2
+    fails first. Its own k1 is still computed and stored: another waiter on k1 gets it."""
+
+    async def scenario():
+        config = CacheConfig(single_flight_wait_s=5.0)
+        handle = FakeShardHandle(CacheShard(config))
+        client = client_of(config, handle)
+        k1, k2 = embedding_key("model", "one"), embedding_key("model", "two")
+        await handle.shard.lookup([k2])  # its owner is gone
+        computes = []
+
+        async def compute(indices):
+            computes.append(("request", indices))
+            if indices == [1]:  # k2, after its wait of 0.1 s
+                raise TimeoutError("k2: deadline passed")
+            await asyncio.sleep(0.3)
+            return [b"k1"] * len(indices)
+
+        async def waiter_compute(indices):
+            computes.append(("waiter", indices))
+            return [b"waiter's"] * len(indices)
+
+        first = asyncio.ensure_future(client.get_or_compute([k1, k2], compute, wait_s=0.1))
+        await asyncio.sleep(0.02)
+        waiter = asyncio.ensure_future(client.get_or_compute([k1], waiter_compute))
+        results = await asyncio.gather(first, waiter, return_exceptions=True)
+        return computes, results, handle.released
+
+    computes, results, released = asyncio.run(scenario())
+    assert isinstance(results[0], TimeoutError) and results[1] == [b"k1"]
+    assert ("waiter", [0]) not in computes and released == []
