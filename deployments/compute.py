@@ -66,10 +66,11 @@ class ComputeGraph:
         self.answer_cache_id = f"{config.generator.cache_id()}+{self.embedding_cache_id}"
         self._writes: set[asyncio.Future] = set()  # running on after their request is gone
 
-    def _uncached(self, ctx: RequestContext) -> RequestContext:
-        """For a model call no cache lookup stands for: X-Cache then says miss."""
-        if self.cache is not None:
-            ctx.cache_tiers.append(COMPUTED)
+    @staticmethod
+    def _uncached(ctx: RequestContext) -> RequestContext:
+        """For a model call no cache lookup stands for: X-Cache then says miss (if the
+        request looked anything up)."""
+        ctx.cache_tiers.append(COMPUTED)
         return ctx
 
     async def cached(

@@ -6,6 +6,7 @@ No HTTP here (that is router.py) and no Ray handles (that is downstreams.py).
 from __future__ import annotations
 
 import base64
+import copy
 import json
 import time
 import uuid
@@ -106,9 +107,13 @@ class MnemeService:
         try:
             ids = await self.compute.upsert(req.namespace, items, ctx)
         except MnemeError as exc:
-            if exc.status_code >= 500:  # the write may stand: a retry with its ids replaces it
-                exc.details = {**exc.details, "ids": [item.id for item in items]}
-            raise
+            if exc.status_code < 500:
+                raise
+            # the write may stand: a retry with its ids replaces it. A copy: one error of a
+            # merged downstream call reaches every request in it
+            error = copy.copy(exc)
+            error.details = {**exc.details, "ids": [item.id for item in items]}
+            raise error from exc
         return p.AddMemoriesResponse(ids=ids)
 
     async def _retrieve(

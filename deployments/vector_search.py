@@ -116,6 +116,13 @@ class VectorSearch:
             self._store.catch_up()
         self._store.finish_rebuilds()
 
+    def __del__(self):
+        """Serve's graceful shutdown of the replica: a snapshot being written in the
+        background lands first (a killed one would leave only its temporary file)."""
+        store = getattr(self, "_store", None)
+        if isinstance(store, DurableStore):
+            store.wait_for_snapshot()
+
     async def stats(self) -> dict:
         return {
             **self._stats.summary(),

@@ -90,8 +90,8 @@ def _check_memory_only_search(app: str, config: MnemeConfig, options: dict) -> N
     scaled down would take its writes with it."""
     if config.vector_search.storage.data_dir is not None:
         return
-    replicas = options.get("num_replicas", 1)
-    most = (options.get("autoscaling_config") or {}).get("max_replicas", 1)
+    replicas = options.get("num_replicas") or 1
+    most = (options.get("autoscaling_config") or {}).get("max_replicas") or 1
     if replicas == "auto" or max(replicas, most) > 1:
         raise ValueError(
             f"application {app!r}: args.vector_search.storage.data_dir is null (memories in "

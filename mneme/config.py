@@ -462,8 +462,9 @@ class MnemeConfig(StrictModel):
 
     @model_validator(mode="after")
     def _defaults_within_limits(self) -> MnemeConfig:
-        """What a request that omits top_k or max_tokens gets must pass the limits that one
-        asking for it would be held to."""
+        """What a request that omits top_k or max_tokens gets keeps to the limits that one
+        asking for it is held to (a default top_k over them would be refused; a default
+        max_tokens would quietly exceed them)."""
         if self.limits.max_top_k < DEFAULT_TOP_K:
             raise ValueError(
                 f"limits.max_top_k ({self.limits.max_top_k}) is below the default top_k of a "
@@ -472,7 +473,8 @@ class MnemeConfig(StrictModel):
         if self.generator.default_max_tokens > self.limits.max_tokens:
             raise ValueError(
                 f"generator.default_max_tokens ({self.generator.default_max_tokens}) is above "
-                f"limits.max_tokens ({self.limits.max_tokens}), which requests must keep to"
+                f"limits.max_tokens ({self.limits.max_tokens}), which requests that name "
+                "max_tokens must keep to"
             )
         return self
 

@@ -19,6 +19,7 @@ import os
 import pickle
 import sqlite3
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ from mneme.records import MemoryPage, NewMemory, SearchHit, StoredMemory
 SNAPSHOT_NAME = "snapshot.pkl"
 LOG_NAME = "memories.sqlite"
 SNAPSHOT_FORMAT = 2
+STALE_TMP_S = 3600.0  # a snapshot's temporary file this old was left by a replica killed
 logger = logging.getLogger(__name__)
 
 
@@ -221,16 +223,34 @@ def write_snapshot(store: MemoryStore | dict, position: Position, path: Path) ->
     copied = store if isinstance(store, dict) else store.state()
     state = {"format": SNAPSHOT_FORMAT, "position": dict(position), "store": copied}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "wb") as f:
-        pickle.dump(state, f, protocol=pickle.HIGHEST_PROTOCOL)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            pickle.dump(state, f, protocol=pickle.HIGHEST_PROTOCOL)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a disk that filled up gets its space back
+        raise
     directory = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(directory)  # the rename itself survives a power cut
     finally:
         os.close(directory)
+
+
+def remove_stale_tmp(path: Path, now: float) -> list[Path]:
+    """Snapshots' temporary files that replicas killed while writing them left beside `path`
+    (one written now by another replica is younger than `STALE_TMP_S`)."""
+    removed = []
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        try:
+            if now - tmp.stat().st_mtime > STALE_TMP_S:
+                tmp.unlink()
+                removed.append(tmp)
+        except FileNotFoundError:  # renamed or removed by its replica meanwhile
+            continue
+    return removed
 
 
 def read_snapshot(
@@ -261,6 +281,8 @@ class DurableStore:
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.snapshot_path = self.data_dir / SNAPSHOT_NAME
+        for tmp in remove_stale_tmp(self.snapshot_path, time.time()):
+            logger.warning("removed %s, a snapshot its replica did not finish", tmp)
         self.snapshot_every = snapshot_every
         self.log: MemoryLog | RedisMemoryLog = (
             RedisMemoryLog(redis_url)
@@ -344,12 +366,10 @@ class DurableStore:
             self._snapshot_writer.join()
 
     def snapshot(self) -> None:
-        """A snapshot now, on this thread (after any being written in the background)."""
+        """A snapshot now (after any being written in the background), waited for."""
         self.wait_for_snapshot()
-        self.log.sync()  # the position it records must not be ahead of a durable log
-        write_snapshot(self.store, self.applied, self.snapshot_path)
-        self.snapshot_position = dict(self.applied)
-        self.writes_since_snapshot = 0
+        self._snapshot_in_background()
+        self.wait_for_snapshot()
 
     # The same calls as MemoryStore.
     def upsert(self, namespace: str, items: Sequence[NewMemory], vectors: np.ndarray) -> list[str]:

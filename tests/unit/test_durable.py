@@ -221,6 +221,7 @@ def test_a_failed_snapshot_does_not_fail_the_write(tmp_path):
     assert store.get("a", "m1").text == "kept"
     store.wait_for_snapshot()
     assert store.snapshot_position == {}  # the failed one records nothing
+    assert not list(tmp_path.glob(".snapshot.pkl.*.tmp"))  # nor leaves its file behind
     store.snapshot_path.rmdir()
     store.upsert("a", [NewMemory("m2", "and the next")], unit(rng, 1))
     store.wait_for_snapshot()
@@ -345,6 +346,23 @@ def test_a_snapshot_is_written_in_the_background_as_of_the_write_that_started_it
     restored, position = read_snapshot(store.snapshot_path)
     assert position == {"sqlite": 2} == store.snapshot_position
     assert restored.stats()["memories"] == 2
-    store.upsert("a", [NewMemory("m5", "text 5")], unit(rng, 1))  # 3 since: due again
+    store.upsert("a", [NewMemory("m5", "text 5")], unit(rng, 1))  # 4 since: due again
     store.wait_for_snapshot()
     assert started[-1] == {"sqlite": 6} and store.snapshot_position == {"sqlite": 6}
+
+
+def test_a_snapshot_file_a_killed_replica_left_is_removed_at_start(tmp_path):
+    """A replica killed while writing its snapshot leaves the temporary file (a full-size
+    copy); the next start removes it once it is old enough not to be another replica's,
+    still being written."""
+    import os
+    import time
+
+    left = tmp_path / ".snapshot.pkl.123.456.tmp"
+    fresh = tmp_path / ".snapshot.pkl.789.1.tmp"
+    for path in (left, fresh):
+        path.write_bytes(b"partial")
+    two_hours_ago = time.time() - 7200
+    os.utime(left, (two_hours_ago, two_hours_ago))
+    DurableStore(tmp_path)
+    assert not left.exists() and fresh.exists()
