@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -19,6 +19,7 @@ from mneme.stats import LatencyBook
 class _Observed:
     route: str | None = None
     ctx: RequestContext | None = None
+    arrived: float = field(default_factory=time.monotonic)  # before its body was read
 
 
 _current: ContextVar[_Observed | None] = ContextVar("mneme_observed_request", default=None)
@@ -30,6 +31,13 @@ def observe(route: str, ctx: RequestContext) -> None:
     observed = _current.get()
     if observed is not None:
         observed.route, observed.ctx = route, ctx
+
+
+def arrival() -> float:
+    """When the current request reached the Router, before its body was read and parsed
+    (time.monotonic(); now, outside a request): what its deadline and latency count from."""
+    observed = _current.get()
+    return time.monotonic() if observed is None else observed.arrived
 
 
 def status_class(status: int | None) -> str:

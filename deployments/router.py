@@ -18,7 +18,7 @@ from deployments.compute import ComputeGraph
 from deployments.downstreams import Downstreams
 from deployments.http_errors import BodySizeLimit, install_error_handlers
 from deployments.metrics import to_prometheus
-from deployments.observed import ObservedRequests, observe
+from deployments.observed import ObservedRequests, arrival, observe
 from deployments.process_env import SERVE_ENV
 from deployments.replica import identity
 from deployments.serving import MnemeService
@@ -140,9 +140,11 @@ class Router:
             if namespace is not None:
                 caller.check_namespace(namespace)
             priority = caller.priority(requested, param)
+        arrived = arrival()
         ctx = RequestContext(
             priority=priority,
-            deadline=parse_deadline_ms(deadline_ms),
+            deadline=parse_deadline_ms(deadline_ms, arrived),
+            received_at=arrived,
             reveal_cache=_sees_every_namespace(caller),
         )
         observe(route, ctx)

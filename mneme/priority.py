@@ -71,8 +71,9 @@ class RequestContext:
         return self.deadline - time.monotonic()
 
 
-def parse_deadline_ms(value: str | None) -> float | None:
-    """`X-Deadline-Ms` is relative to arrival; returns an absolute monotonic deadline."""
+def parse_deadline_ms(value: str | None, arrived: float | None = None) -> float | None:
+    """`X-Deadline-Ms` is relative to arrival (`arrived`, time.monotonic(); default now);
+    returns an absolute monotonic deadline."""
     if value is None or value == "":
         return None
     try:
@@ -83,4 +84,4 @@ def parse_deadline_ms(value: str | None) -> float | None:
         ) from None
     if not (0 < ms <= 3_600_000):
         raise InvalidRequest("X-Deadline-Ms must be in (0, 3600000]", param="X-Deadline-Ms")
-    return time.monotonic() + ms / 1000.0
+    return (time.monotonic() if arrived is None else arrived) + ms / 1000.0
