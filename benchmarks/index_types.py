@@ -109,7 +109,7 @@ def recovery(index: NamespaceIndex, vectors: np.ndarray) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "snapshot.pkl"
         start = time.perf_counter()
-        write_snapshot(store, {}, path)
+        write_snapshot(store.state(), {}, path)
         write_s = time.perf_counter() - start
         start = time.perf_counter()
         read_snapshot(path)

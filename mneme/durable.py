@@ -35,7 +35,7 @@ from mneme.records import MemoryPage, NewMemory, SearchHit, StoredMemory
 SNAPSHOT_NAME = "snapshot.pkl"
 LOG_NAME = "memories.sqlite"
 SNAPSHOT_FORMAT = 2
-STALE_TMP_S = 3600.0  # a snapshot's temporary file this old was left by a replica killed
+STALE_TMP_S = 3600.0  # a snapshot's temporary file this old: its replica was killed writing it
 logger = logging.getLogger(__name__)
 
 
@@ -217,11 +217,10 @@ class RedisMemoryLog:
         self._redis.close()
 
 
-def write_snapshot(store: MemoryStore | dict, position: Position, path: Path) -> None:
-    """Atomically replace `path` with the store's state (or a copy of it, `store.state()`,
-    taken earlier) as of log `position`."""
-    copied = store if isinstance(store, dict) else store.state()
-    state = {"format": SNAPSHOT_FORMAT, "position": dict(position), "store": copied}
+def write_snapshot(store_state: dict, position: Position, path: Path) -> None:
+    """Atomically replace `path` with a store's state (`MemoryStore.state()`, a copy) as of
+    log `position`."""
+    state = {"format": SNAPSHOT_FORMAT, "position": dict(position), "store": store_state}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         with open(tmp, "wb") as f:
